@@ -1,0 +1,128 @@
+"""Request bodies of the JSON API."""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_COMMAND_BYTES = 2 << 20
+MAX_PARAMS = 250_000
+
+
+class JobCreate(BaseModel):
+    """A job submission, in the JSON shape that existing clients send."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"command": 'echo "Hello World"; sleep 2', "watchdog": 10},
+                {"scriptId": 1, "params": ["Value1", "Value2"]},
+            ]
+        },
+    )
+
+    command: str | None = Field(
+        default=None, description="Shell command line, run by /bin/sh on the worker"
+    )
+    scriptId: int | None = Field(
+        default=None, description="Id of a stored script (a number or a numeric string)"
+    )
+    params: list[Any] | dict[str, Any] | None = Field(
+        default=None,
+        description="Script arguments: a list, or an object whose values are "
+        "passed in key order",
+    )
+    watchdog: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds before the job is killed; 0 is no limit",
+    )
+    workerClassId: int | str | None = Field(
+        default=None, description="Worker class id or name; absent means 'default'"
+    )
+    need_realtime: bool = Field(
+        default=False,
+        description="Reject the job as 'occupied' instead of queueing it when no "
+        "worker slot is free",
+    )
+    userName: str | None = Field(default=None, description="Owner of the API key")
+    apiKey: str | None = Field(
+        default=None, description="API key; an Authorization: Bearer header also works"
+    )
+    wait: bool = Field(
+        default=False,
+        description="Hold the request until the job ends and return its output",
+    )
+    waitTimeout: float | None = Field(
+        default=None, gt=0, description="Seconds to wait at most when wait is true"
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _command_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) > MAX_COMMAND_BYTES:
+            raise ValueError(f"must be at most {MAX_COMMAND_BYTES} bytes")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params_scalars(
+        cls, value: list[Any] | dict[str, Any] | None
+    ) -> list[Any] | dict[str, Any] | None:
+        if value is None:
+            return None
+        items = list(value.values()) if isinstance(value, dict) else value
+        if len(items) > MAX_PARAMS:
+            raise ValueError(f"must have at most {MAX_PARAMS} entries")
+        for index, item in enumerate(items):
+            if isinstance(item, (list, dict)):
+                raise ValueError(
+                    f"entry {index} is a {type(item).__name__}: use strings or numbers"
+                )
+        return value
+
+    def param_list(self) -> list[str]:
+        """Return params as strings, object values in key order."""
+        if self.params is None:
+            return []
+        items = (
+            list(self.params.values()) if isinstance(self.params, dict) else self.params
+        )
+        return ["" if item is None else _to_text(item) for item in items]
+
+
+def _to_text(item: Any) -> str:
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    return str(item)
+
+
+class WorkerCreate(BaseModel):
+    """A new worker."""
+
+    name: str = Field(min_length=1, max_length=64)
+    transport: str = "ssh"
+    host: str = ""
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = ""
+    key_path: str | None = None
+    worker_class: str = "default"
+    max_jobs: int | None = Field(default=None, ge=1)
+    max_sessions: int = Field(default=10, ge=1)
+
+
+class WorkerUpdate(BaseModel):
+    """Changes to a worker; absent fields stay as they are."""
+
+    enabled: bool | None = None
+    draining: bool | None = None
+    max_jobs: int | None = Field(default=None, ge=1)
+    max_sessions: int | None = Field(default=None, ge=1)
+
+
+class ScriptCreate(BaseModel):
+    """A new stored script."""
+
+    name: str = Field(min_length=1, max_length=128)
+    interpreter: str = Field(default="/bin/sh", min_length=1)
+    body: str

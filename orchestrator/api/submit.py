@@ -1,0 +1,209 @@
+"""POST /addJob, the submission endpoint that existing clients call."""
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sqlalchemy import Engine
+
+from orchestrator import jobs, outputs, scripts, workers
+from orchestrator.accounts import User
+from orchestrator.api import deps
+from orchestrator.api.schemas import JobCreate
+from orchestrator.config import Settings
+from orchestrator.dispatch import Dispatcher
+from orchestrator.exceptions import (
+    InvalidInputError,
+    InvalidJsonError,
+    PermissionDeniedError,
+)
+from orchestrator.jobs import JobSpec
+from orchestrator.timeutil import utcnow
+from orchestrator.transports.base import STDERR, STDOUT
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["jobs"])
+
+MESSAGES = {
+    jobs.RUNNING: "Job {id} is running",
+    jobs.WAITING: "Job {id} is waiting for a free worker",
+    jobs.OCCUPIED: "Job {id} was rejected: all workers are occupied",
+}
+
+
+@router.post(
+    "/addJob",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": JobCreate.model_json_schema()}},
+        }
+    },
+)
+async def add_job(
+    request: Request,
+    engine: deps.EngineDep,
+    settings: deps.SettingsDep,
+    dispatcher: deps.DispatcherDep,
+) -> dict[str, Any]:
+    """Submit a command or a stored script as a job.
+
+    The body is read as JSON whatever its Content-Type, because existing
+    clients post it as form data (curl -d) as often as with a JSON header.
+    """
+    payload = await _parse_payload(request)
+    key = deps.bearer_key(request) or payload.apiKey or ""
+    user = await deps.authenticate_key(request, key, payload.userName)
+    job_id, state = await submit_job(engine, dispatcher, user, payload)
+    answer: dict[str, Any] = {
+        "result": state != jobs.OCCUPIED,
+        "message": MESSAGES[state].format(id=job_id),
+        "id": job_id,
+        "state": state,
+        "url": f"/api/v1/jobs/{job_id}",
+        "log_url": f"/api/v1/jobs/{job_id}/log",
+    }
+    if payload.wait and state != jobs.OCCUPIED:
+        await dispatcher.wait_for_end(job_id, payload.waitTimeout)
+        answer.update(await _final_answer(engine, settings, job_id))
+    return answer
+
+
+async def _parse_payload(request: Request) -> JobCreate:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidJsonError(
+            "the request body is not valid JSON: send a JSON object such as "
+            '{"command": "echo hello"}',
+            field="body",
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidInputError(
+            f"the request body must be a JSON object, not {type(data).__name__}",
+            field="body",
+        )
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+
+
+async def submit_job(
+    engine: Engine,
+    dispatcher: Dispatcher,
+    user: User,
+    payload: JobCreate,
+    restarted_from: int | None = None,
+) -> tuple[int, str]:
+    """Validate a submission against the caller's rights and hand it over."""
+    if (payload.command is None) == (payload.scriptId is None):
+        raise InvalidInputError(
+            "send either command (a shell command line) or scriptId "
+            "(a stored script id), not both and not neither",
+            field="command",
+        )
+    if payload.command is not None and not payload.command.strip():
+        raise InvalidInputError("command is empty", field="command")
+    if payload.command is not None and not user.allow_commands:
+        raise PermissionDeniedError(
+            f"user {user.name!r} may run stored scripts only: send scriptId",
+            field="command",
+        )
+    if payload.scriptId is not None:
+        await asyncio.to_thread(_check_script, engine, payload.scriptId)
+    class_id, class_name = await asyncio.to_thread(
+        workers.resolve_class, engine, payload.workerClassId
+    )
+    if user.allowed_classes is not None and class_name not in user.allowed_classes:
+        raise PermissionDeniedError(
+            f"user {user.name!r} may not use worker class {class_name!r}",
+            field="workerClassId",
+        )
+    params = payload.param_list()
+    watchdog = payload.watchdog or None
+    spec = JobSpec(
+        id=0,
+        class_id=class_id,
+        command=payload.command,
+        script_id=payload.scriptId,
+        params=params,
+        watchdog=watchdog,
+        user_id=user.id,
+    )
+    values: dict[str, Any] = {
+        "command": payload.command,
+        "script_id": payload.scriptId,
+        "params": params if payload.scriptId is not None else None,
+        "class_id": class_id,
+        "user_id": user.id,
+        "watchdog": watchdog,
+        "need_realtime": payload.need_realtime,
+        "created_at": utcnow(),
+        "attempt": 1,
+        "log_bytes": 0,
+        "log_truncated": False,
+        "restarted_from": restarted_from,
+    }
+    state = await dispatcher.submit(spec, values, payload.need_realtime)
+    logger.info(
+        "Job %d submitted by %s: %s",
+        spec.id,
+        user.name,
+        state,
+        extra={"event": "job_submitted", "job": spec.id, "user": user.name},
+    )
+    return spec.id, state
+
+
+def _check_script(engine: Engine, script_id: int) -> None:
+    try:
+        scripts.get_script(engine, script_id)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"unknown scriptId {script_id}: list stored scripts with "
+            "GET /api/v1/scripts",
+            field="scriptId",
+        ) from exc
+
+
+async def _final_answer(
+    engine: Engine, settings: Settings, job_id: int
+) -> dict[str, Any]:
+    row = await asyncio.to_thread(jobs.get_job_row, engine, job_id)
+    limit = settings.wait_output_limit_bytes
+    stdout, out_cut = await asyncio.to_thread(
+        _read_limited, engine, job_id, STDOUT, limit
+    )
+    stderr, err_cut = await asyncio.to_thread(
+        _read_limited, engine, job_id, STDERR, limit
+    )
+    return {
+        "result": row.state == jobs.SUCCEEDED,
+        "message": f"Job {job_id} ended {row.state}",
+        "state": row.state,
+        "exit_code": row.exit_code,
+        "signal": row.signal,
+        "reason": row.reason,
+        "stdout": stdout.decode(errors="replace"),
+        "stderr": stderr.decode(errors="replace"),
+        "output_truncated": out_cut or err_cut or bool(row.log_truncated),
+        "output_limit_bytes": limit,
+    }
+
+
+def _read_limited(
+    engine: Engine, job_id: int, stream: int, limit: int
+) -> tuple[bytes, bool]:
+    data = bytearray()
+    for _, chunk in outputs.iter_output(engine, job_id, stream):
+        data.extend(chunk)
+        if len(data) > limit:
+            return bytes(data[:limit]), True
+    return bytes(data), False

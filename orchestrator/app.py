@@ -1,0 +1,183 @@
+"""Build the FastAPI application."""
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator import db, workers
+from orchestrator.api import submit, v1
+from orchestrator.config import Settings
+from orchestrator.dispatch import Dispatcher
+from orchestrator.exceptions import JobBalancerError
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Create the application for ``settings``; the lifespan starts dispatching."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = db.create_db_engine(settings.resolved_database_url())
+        db.upgrade_schema(engine)
+        workers.ensure_defaults(engine)
+        dispatcher = Dispatcher(engine, settings)
+        app.state.engine = engine
+        app.state.dispatcher = dispatcher
+        await dispatcher.start()
+        logger.info("Dispatcher started with strategy %s", settings.strategy)
+        try:
+            yield
+        finally:
+            await dispatcher.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Job Balancer",
+        version="0.1.0",
+        summary="Run shell jobs submitted over HTTP on SSH workers",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.key_cache = {}
+    app.include_router(submit.router)
+    app.include_router(v1.router)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict[str, str]:
+        """Report that the server is up."""
+        return {"status": "ok"}
+
+    return app
+
+
+def error_body(error: str, detail: str, field: str | None = None) -> dict[str, Any]:
+    """Build the JSON error shape that every 4xx response uses."""
+    body: dict[str, Any] = {"result": False, "error": error, "detail": detail}
+    if field:
+        body["field"] = field
+    return body
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(JobBalancerError)
+    async def domain_error(request: Request, exc: JobBalancerError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.error, exc.detail, exc.field), status_code=exc.status_code
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(
+                error_body(
+                    "invalid_json",
+                    "the request body is not valid JSON: send a JSON object with "
+                    "Content-Type: application/json",
+                ),
+                status_code=400,
+            )
+        first = errors[0] if errors else {}
+        location = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+        field = ".".join(location) or None
+        message = first.get("msg", "invalid value")
+        detail = f"{field}: {message}" if field else message
+        if first.get("type") == "model_attributes_type" or (
+            first.get("type") == "dict_type" and not location
+        ):
+            detail = "the request body must be a JSON object"
+        return JSONResponse(
+            error_body("invalid_input", detail, field)
+            | {"errors": _plain_errors(errors)},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body("http_error", str(exc.detail)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+
+def _plain_errors(errors: Any) -> list[dict[str, Any]]:
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+        for e in errors
+    ]
+
+
+class BodyLimitMiddleware:
+    """Reject request bodies larger than ``max_bytes`` with a 413 JSON error."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLargeError
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLargeError:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Callable[[Message], Awaitable[None]]) -> None:
+        response = JSONResponse(
+            error_body(
+                "body_too_large",
+                f"the request body is larger than {self.max_bytes} bytes: send a "
+                "shorter command or store it as a script",
+            ),
+            status_code=413,
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class _BodyTooLargeError(Exception):
+    pass

@@ -1,0 +1,228 @@
+"""Job rows: states, transitions and queries."""
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, insert, or_, select, update
+
+from orchestrator import models
+from orchestrator.exceptions import ConflictError, NotFoundError
+from orchestrator.timeutil import isoformat, utcnow
+
+logger = logging.getLogger(__name__)
+
+WAITING = "waiting"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+KILLED = "killed"
+TIMED_OUT = "timed_out"
+LOST = "lost"
+OCCUPIED = "occupied"
+STATES = (WAITING, RUNNING, SUCCEEDED, FAILED, KILLED, TIMED_OUT, LOST, OCCUPIED)
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, KILLED, TIMED_OUT, LOST, OCCUPIED})
+SORTABLE = ("id", "state", "created_at", "started_at", "finished_at", "worker_id")
+
+
+@dataclass
+class JobSpec:
+    """What the dispatcher needs to place and run one job."""
+
+    id: int
+    class_id: int
+    command: str | None
+    script_id: int | None
+    params: list[str]
+    watchdog: float | None
+    user_id: int | None
+    attempt: int = 1
+    created_at: datetime = field(default_factory=utcnow)
+
+
+def insert_job(engine: Engine, values: dict[str, Any]) -> int:
+    """Insert a job row and return its id."""
+    with engine.begin() as conn:
+        result = conn.execute(insert(models.jobs).values(**values))
+        return int(result.inserted_primary_key[0])
+
+
+def mark_running(engine: Engine, job_id: int, worker_id: int) -> None:
+    """Record that a waiting job was placed on a worker."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(models.jobs)
+            .where(models.jobs.c.id == job_id)
+            .values(state=RUNNING, worker_id=worker_id, started_at=utcnow())
+        )
+
+
+def mark_waiting(engine: Engine, job_id: int, reason: str | None) -> None:
+    """Put a job back in the queue after it could not start."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(models.jobs)
+            .where(models.jobs.c.id == job_id)
+            .values(state=WAITING, worker_id=None, started_at=None, reason=reason)
+        )
+
+
+def finish_job(
+    engine: Engine,
+    job_id: int,
+    state: str,
+    *,
+    exit_code: int | None = None,
+    signal: str | None = None,
+    reason: str | None = None,
+    log_truncated: bool = False,
+) -> None:
+    """Record a job's final state."""
+    assert state in FINAL_STATES, state
+    with engine.begin() as conn:
+        conn.execute(
+            update(models.jobs)
+            .where(models.jobs.c.id == job_id)
+            .values(
+                state=state,
+                exit_code=exit_code,
+                signal=signal,
+                reason=reason,
+                finished_at=utcnow(),
+                log_truncated=log_truncated,
+            )
+        )
+
+
+def get_job_row(engine: Engine, job_id: int) -> Any:
+    """Load a job with its worker, class, user and script names."""
+    with engine.connect() as conn:
+        row = conn.execute(_job_select().where(models.jobs.c.id == job_id)).first()
+    if row is None:
+        raise NotFoundError(f"job {job_id} not found")
+    return row
+
+
+def _job_select() -> Any:
+    j, w, c, u = models.jobs, models.workers, models.worker_classes, models.users
+    return (
+        select(
+            j,
+            w.c.name.label("worker_name"),
+            c.c.name.label("class_name"),
+            u.c.name.label("user_name"),
+        )
+        .outerjoin(w, w.c.id == j.c.worker_id)
+        .outerjoin(c, c.c.id == j.c.class_id)
+        .outerjoin(u, u.c.id == j.c.user_id)
+    )
+
+
+def public_job(row: Any) -> dict[str, Any]:
+    """Build the JSON form of a job row."""
+    return {
+        "id": row.id,
+        "state": row.state,
+        "command": row.command,
+        "script_id": row.script_id,
+        "params": row.params,
+        "worker": row.worker_name,
+        "worker_class": row.class_name,
+        "user": row.user_name,
+        "exit_code": row.exit_code,
+        "signal": row.signal,
+        "reason": row.reason,
+        "watchdog": row.watchdog,
+        "need_realtime": row.need_realtime,
+        "created_at": isoformat(row.created_at),
+        "started_at": isoformat(row.started_at),
+        "finished_at": isoformat(row.finished_at),
+        "attempt": row.attempt,
+        "log_bytes": row.log_bytes,
+        "log_truncated": row.log_truncated,
+        "restarted_from": row.restarted_from,
+        "url": f"/api/v1/jobs/{row.id}",
+    }
+
+
+def list_jobs(
+    engine: Engine,
+    *,
+    limit: int = 50,
+    offset: int = 0,
+    state: str | None = None,
+    user_id: int | None = None,
+    search: str | None = None,
+    sort: str = "id",
+    descending: bool = True,
+) -> tuple[list[Any], int]:
+    """Return one page of jobs and the total that match the filters."""
+    j = models.jobs
+    conditions = []
+    if state:
+        conditions.append(j.c.state == state)
+    if user_id is not None:
+        conditions.append(j.c.user_id == user_id)
+    if search:
+        like = f"%{_escape_like(search)}%"
+        search_terms = [
+            j.c.command.like(like, escape="\\"),
+            models.workers.c.name.like(like, escape="\\"),
+            models.users.c.name.like(like, escape="\\"),
+            j.c.state == search,
+        ]
+        if search.isdigit():
+            search_terms.append(j.c.id == int(search))
+        conditions.append(or_(*search_terms))
+    column = j.c[sort] if sort in SORTABLE else j.c.id
+    order = column.desc() if descending else column.asc()
+    query = _job_select().where(*conditions).order_by(order, j.c.id.desc())
+    count_query = select(func.count()).select_from(
+        j.outerjoin(models.workers, models.workers.c.id == j.c.worker_id).outerjoin(
+            models.users, models.users.c.id == j.c.user_id
+        )
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query.limit(limit).offset(offset)).all()
+        total = conn.execute(count_query.where(*conditions)).scalar_one()
+    return list(rows), int(total)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def delete_job(engine: Engine, job_id: int) -> None:
+    """Delete a job that has ended, with its output."""
+    row = get_job_row(engine, job_id)
+    if row.state not in FINAL_STATES:
+        raise ConflictError(
+            f"job {job_id} is {row.state}: kill it before deleting it", field="id"
+        )
+    with engine.begin() as conn:
+        conn.execute(
+            delete(models.job_output).where(models.job_output.c.job_id == job_id)
+        )
+        conn.execute(delete(models.jobs).where(models.jobs.c.id == job_id))
+
+
+def load_unfinished(engine: Engine) -> list[Any]:
+    """Return jobs that are waiting or running, oldest first."""
+    j = models.jobs
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(j).where(j.c.state.in_((WAITING, RUNNING))).order_by(j.c.id)
+            ).all()
+        )
+
+
+def count_by_state(engine: Engine) -> dict[str, int]:
+    """Return the number of jobs in each state."""
+    j = models.jobs
+    with engine.connect() as conn:
+        rows = conn.execute(select(j.c.state, func.count()).group_by(j.c.state)).all()
+    counts = dict.fromkeys(STATES, 0)
+    counts.update({state: int(n) for state, n in rows})
+    return counts
