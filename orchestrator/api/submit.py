@@ -85,7 +85,7 @@ async def _parse_payload(request: Request) -> JobCreate:
             field="body",
         ) from exc
     if not isinstance(data, dict):
-        raise InvalidInputError(
+        raise InvalidJsonError(
             f"the request body must be a JSON object, not {type(data).__name__}",
             field="body",
         )
