@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql
 
@@ -81,8 +82,49 @@ workers = Table(
     Column("reason", Text, nullable=True),
     Column("last_seen_at", DateTime(timezone=True), nullable=True),
     Column("host_key", Text, nullable=True),
+    # A host key presented on connect that differs from host_key; it waits
+    # here until an admin accepts it.
+    Column("pending_host_key", Text, nullable=True),
+    Column(
+        "key_id",
+        Id,
+        ForeignKey("ssh_keys.id", name="fk_workers_key_id_ssh_keys"),
+        nullable=True,
+    ),
+    # SHA-256 of the token a pull agent authenticates with.
+    Column("token_hash", String(64), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("token_hash", name="uq_workers_token_hash"),
+)
+
+ssh_keys = Table(
+    "ssh_keys",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("key_type", String(32), nullable=False),
+    Column("public_key", Text, nullable=False),
+    Column("fingerprint", String(128), nullable=False),
+    # The private key in OpenSSH format, encrypted with the master key, which
+    # is kept outside the database.
+    Column("private_key_encrypted", Blob, nullable=False),
+    Column("is_default", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("user_id", Id, nullable=True),
+    Column("user_name", String(64), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255), nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("address", String(64), nullable=True),
+    Index("ix_audit_log_at", "at"),
 )
 
 scripts = Table(
@@ -119,10 +161,20 @@ jobs = Table(
     Column("log_bytes", BigInteger, nullable=False, default=0),
     Column("log_truncated", Boolean, nullable=False, default=False),
     Column("restarted_from", Id, nullable=True),
+    Column("retries", Integer, nullable=False, default=0, server_default="0"),
+    Column("retry_delay", Float, nullable=False, default=0, server_default="0"),
+    # "infra" retries lost jobs and jobs that could not start; "any" also
+    # retries non-zero exits.
+    Column(
+        "retry_on", String(16), nullable=False, default="infra", server_default="infra"
+    ),
+    Column("idempotency_key", String(128), nullable=True),
+    Column("original_id", Id, nullable=True),
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_worker_id", "worker_id", "id"),
     Index("ix_jobs_user_id", "user_id", "id"),
+    Index("ix_jobs_idempotency", "user_id", "idempotency_key", unique=True),
 )
 
 job_output = Table(
