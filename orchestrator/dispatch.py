@@ -29,7 +29,7 @@ from orchestrator.transports.ssh import HostKeyChangedError, SshTarget, SshTrans
 
 logger = logging.getLogger(__name__)
 
-WORKER_REFRESH_SECONDS = 2.0
+WORKER_REFRESH_SECONDS = 1.0
 CHECK_TIMEOUT_MARGIN_SECONDS = 5.0
 KILL_WAIT_MARGIN_SECONDS = 15.0
 

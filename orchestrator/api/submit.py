@@ -57,7 +57,7 @@ async def add_job(
     clients post it as form data (curl -d) as often as with a JSON header.
     """
     payload = await _parse_payload(request)
-    key = deps.bearer_key(request) or payload.apiKey or ""
+    key = payload.apiKey or deps.bearer_key(request)
     user = await deps.authenticate_key(request, key, payload.userName)
     job_id, state = await submit_job(engine, dispatcher, user, payload)
     answer: dict[str, Any] = {
