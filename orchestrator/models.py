@@ -134,6 +134,11 @@ scripts = Table(
     Column("name", String(128), nullable=False, unique=True),
     Column("interpreter", String(255), nullable=False),
     Column("body", LongText, nullable=False),
+    Column("retries", Integer, nullable=False, default=0, server_default="0"),
+    Column("retry_delay", Float, nullable=False, default=0, server_default="0"),
+    Column(
+        "retry_on", String(16), nullable=False, default="infra", server_default="infra"
+    ),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -170,6 +175,9 @@ jobs = Table(
     ),
     Column("idempotency_key", String(128), nullable=True),
     Column("original_id", Id, nullable=True),
+    # Names the job's run folder on an SSH worker; random, so that a reused job
+    # id never meets an old folder.
+    Column("run_token", String(32), nullable=True),
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_worker_id", "worker_id", "id"),

@@ -242,12 +242,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index("ix_job_output_job_seq", table_name="job_output")
     op.drop_table("job_output")
-    op.drop_index("ix_jobs_worker_id", table_name="jobs")
-    op.drop_index("ix_jobs_user_id", table_name="jobs")
-    op.drop_index("ix_jobs_state_id", table_name="jobs")
-    op.drop_index("ix_jobs_created_at", table_name="jobs")
     op.drop_table("jobs")
     op.drop_table("workers")
     op.drop_table("api_keys")
