@@ -4,11 +4,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from orchestrator import models, security
 from orchestrator.exceptions import ConflictError, InvalidInputError, NotFoundError
-from orchestrator.timeutil import utcnow
+from orchestrator.timeutil import as_utc, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -146,3 +146,177 @@ def user_for_api_key(engine: Engine, key: str) -> User | None:
         )
     user = _user_from_row(row)
     return user if user.enabled else None
+
+
+def list_users(engine: Engine) -> list[dict[str, Any]]:
+    """Return every user with the number of unrevoked API keys, ordered by name."""
+    u, k = models.users, models.api_keys
+    key_counts = (
+        select(k.c.user_id, func.count().label("key_count"))
+        .where(k.c.revoked_at.is_(None))
+        .group_by(k.c.user_id)
+        .subquery()
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(u, key_counts.c.key_count)
+            .outerjoin(key_counts, key_counts.c.user_id == u.c.id)
+            .order_by(u.c.name)
+        ).all()
+    return [
+        {
+            "user": _user_from_row(row),
+            "created_at": as_utc(row.created_at),
+            "key_count": int(row.key_count or 0),
+        }
+        for row in rows
+    ]
+
+
+def get_user_auth(engine: Engine, user_id: int) -> tuple[User, str] | None:
+    """Return a user and its password hash, or None when the id is unknown."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(models.users).where(models.users.c.id == user_id)
+        ).first()
+    if row is None:
+        return None
+    return _user_from_row(row), row.password_hash
+
+
+_UNCHANGED: Any = object()
+
+
+def update_user(
+    engine: Engine,
+    user_id: int,
+    *,
+    role: str | None = None,
+    enabled: bool | None = None,
+    allow_commands: bool | None = None,
+    allowed_classes: list[str] | None = _UNCHANGED,
+    password: str | None = None,
+) -> User:
+    """Change a user; arguments left out stay as they are.
+
+    ``allowed_classes=None`` allows every class. At least one enabled admin
+    always remains.
+    """
+    if role is not None and role not in ROLES:
+        raise InvalidInputError(
+            f"role must be one of {', '.join(ROLES)}, not {role!r}", field="role"
+        )
+    values: dict[str, Any] = {}
+    for name, value in (
+        ("role", role),
+        ("enabled", enabled),
+        ("allow_commands", allow_commands),
+    ):
+        if value is not None:
+            values[name] = value
+    if allowed_classes is not _UNCHANGED:
+        values["allowed_classes"] = allowed_classes
+    if password is not None:
+        values["password_hash"] = security.hash_password(password)
+    user = get_user(engine, user_id)
+    with engine.begin() as conn:
+        if values:
+            conn.execute(
+                update(models.users)
+                .where(models.users.c.id == user_id)
+                .values(**values)
+            )
+        if user.is_admin and user.enabled:
+            _check_admin_remains(conn)
+    logger.info(
+        "Updated user %s: %s",
+        user.name,
+        ", ".join(sorted(values)),
+        extra={"event": "user_updated", "user": user.name},
+    )
+    return get_user(engine, user_id)
+
+
+def delete_user(engine: Engine, user_id: int) -> None:
+    """Delete a user and its API keys; its jobs stay without a submitter."""
+    user = get_user(engine, user_id)
+    with engine.begin() as conn:
+        conn.execute(
+            update(models.jobs)
+            .where(models.jobs.c.user_id == user_id)
+            .values(user_id=None)
+        )
+        conn.execute(
+            delete(models.api_keys).where(models.api_keys.c.user_id == user_id)
+        )
+        conn.execute(delete(models.users).where(models.users.c.id == user_id))
+        if user.is_admin and user.enabled:
+            _check_admin_remains(conn)
+    logger.info(
+        "Deleted user %s", user.name, extra={"event": "user_deleted", "user": user.name}
+    )
+
+
+def _check_admin_remains(conn: Connection) -> None:
+    # Runs inside the changing transaction, so a failed check rolls it back.
+    u = models.users
+    admins = conn.execute(
+        select(func.count())
+        .select_from(u)
+        .where(u.c.role == "admin", u.c.enabled.is_(True))
+    ).scalar_one()
+    if not admins:
+        raise ConflictError(
+            "this change would leave no enabled admin: make another user an "
+            "admin first",
+            field="role",
+        )
+
+
+def list_api_keys(engine: Engine, user_id: int) -> list[dict[str, Any]]:
+    """Return a user's API keys, newest first, without their hashes."""
+    k = models.api_keys
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                k.c.id,
+                k.c.prefix,
+                k.c.label,
+                k.c.created_at,
+                k.c.last_used_at,
+                k.c.revoked_at,
+            )
+            .where(k.c.user_id == user_id)
+            .order_by(k.c.id.desc())
+        ).all()
+    return [
+        {
+            "id": r.id,
+            "prefix": f"{security.API_KEY_PREFIX}{r.prefix}",
+            "label": r.label,
+            "created_at": as_utc(r.created_at),
+            "last_used_at": as_utc(r.last_used_at),
+            "revoked_at": as_utc(r.revoked_at),
+        }
+        for r in rows
+    ]
+
+
+def revoke_api_key(engine: Engine, user_id: int, key_id: int) -> None:
+    """Revoke one of a user's API keys; revoking twice is an error."""
+    k = models.api_keys
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(k.c.revoked_at).where(k.c.id == key_id, k.c.user_id == user_id)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"API key {key_id} not found")
+        if row.revoked_at is not None:
+            raise ConflictError(f"API key {key_id} is already revoked")
+        conn.execute(update(k).where(k.c.id == key_id).values(revoked_at=utcnow()))
+    logger.info(
+        "Revoked API key %d of user %d",
+        key_id,
+        user_id,
+        extra={"event": "api_key_revoked", "user": user_id},
+    )

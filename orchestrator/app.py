@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator import db, workers
+from orchestrator import db, keys, stored_settings, ui, workers
+from orchestrator.api import inventory as inventory_api
+from orchestrator.api import keys as keys_api
 from orchestrator.api import submit, v1
 from orchestrator.config import Settings
 from orchestrator.dispatch import Dispatcher
@@ -28,6 +30,9 @@ def create_app(settings: Settings) -> FastAPI:
         engine = db.create_db_engine(settings.resolved_database_url())
         db.upgrade_schema(engine)
         workers.ensure_defaults(engine)
+        stored_settings.apply_stored(engine, settings)
+        # Creates the master key file on first start, before any key is stored.
+        keys.load_master_key(settings.data_path())
         dispatcher = Dispatcher(engine, settings)
         app.state.engine = engine
         app.state.dispatcher = dispatcher
@@ -49,6 +54,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.key_cache = {}
     app.include_router(submit.router)
     app.include_router(v1.router)
+    app.include_router(keys_api.router)
+    app.include_router(inventory_api.router)
+    ui.install(app, settings)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 

@@ -1,16 +1,27 @@
 """The ``jobbalancer`` command: server, administration and client commands."""
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from orchestrator import accounts, config, db, scripts, security, workers
+from orchestrator import (
+    accounts,
+    config,
+    db,
+    inventory,
+    keys,
+    scripts,
+    security,
+    workers,
+)
 from orchestrator.exceptions import JobBalancerError
 
 logger = logging.getLogger(__name__)
@@ -19,6 +30,7 @@ URL_ENV = "JOBBALANCER_URL"
 API_KEY_ENV = "JOBBALANCER_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
 CLIENT_TIMEOUT_SECONDS = 60.0
+ROTATION_POLL_SECONDS = 0.5
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_commands(sub)
     _add_worker_commands(sub)
     _add_script_commands(sub)
+    _add_key_commands(sub)
+    _add_inventory_commands(sub)
     _add_client_commands(sub)
     return parser
 
@@ -87,7 +101,12 @@ def _add_worker_commands(sub: Any) -> None:
     add.add_argument("--host", default="", help="SSH host name or address")
     add.add_argument("--port", type=int, default=22, help="SSH port")
     add.add_argument("--user", default="", help="SSH user (default: current user)")
-    add.add_argument("--key", help="SSH private key file")
+    key = add.add_mutually_exclusive_group()
+    key.add_argument("--key", help="SSH private key file")
+    key.add_argument(
+        "--key-name",
+        help="stored SSH key to log in with (default: the default stored key)",
+    )
     add.add_argument("--class", dest="worker_class", default=workers.DEFAULT_CLASS)
     add.add_argument("--max-jobs", type=int, help="concurrent jobs (default: class)")
     add.add_argument(
@@ -101,6 +120,14 @@ def _add_worker_commands(sub: Any) -> None:
         parser = worker.add_parser(action, help=f"{action} a worker")
         parser.add_argument("name")
         parser.set_defaults(handler=cmd_worker_change, action=action)
+    accept = worker.add_parser(
+        "accept-host-key", help="trust a worker's changed SSH host key"
+    )
+    accept.add_argument("name")
+    accept.add_argument(
+        "--fingerprint", help="SHA256 fingerprint the pending key must have"
+    )
+    accept.set_defaults(handler=cmd_worker_accept_host_key)
 
 
 def _add_script_commands(sub: Any) -> None:
@@ -228,6 +255,7 @@ def cmd_worker_add(args: argparse.Namespace) -> None:
     """Register a worker."""
     engine = _engine(args)
     key_path = str(Path(args.key).expanduser().resolve()) if args.key else None
+    key_id = keys.get_key(engine, args.key_name).id if args.key_name else None
     record = workers.add_worker(
         engine,
         args.name,
@@ -239,6 +267,7 @@ def cmd_worker_add(args: argparse.Namespace) -> None:
         class_name=args.worker_class,
         max_jobs=args.max_jobs,
         max_sessions=args.max_sessions,
+        key_id=key_id,
     )
     print(f"Added worker {record.name} (id {record.id}) in class {record.class_name}.")
 
@@ -367,6 +396,246 @@ def cmd_kill(args: argparse.Namespace) -> None:
     with _client(args) as client:
         job = _check(client.post(f"/api/v1/jobs/{args.job}/kill"))
     print(f"Job {job['id']} is {job['state']}.")
+
+
+def cmd_worker_accept_host_key(args: argparse.Namespace) -> None:
+    """Trust the host key a worker presented in place of the recorded one."""
+    engine = _engine(args)
+    state = keys.accept_host_key(engine, args.name, args.fingerprint)
+    print(f"Worker {args.name} now trusts host key {state['fingerprint']}.")
+
+
+def _add_key_commands(sub: Any) -> None:
+    key = sub.add_parser("key", help="manage stored SSH keys").add_subparsers(
+        title="key"
+    )
+    generate = key.add_parser(
+        "generate", help="generate a key pair and print its public key line"
+    )
+    generate.add_argument("name")
+    generate.add_argument("--type", choices=tuple(keys.KEY_TYPES), default="ed25519")
+    _add_default_option(generate)
+    generate.set_defaults(handler=cmd_key_generate)
+    imported = key.add_parser(
+        "import", help="store an existing private key (OpenSSH or PEM)"
+    )
+    imported.add_argument("name")
+    imported.add_argument("file", type=Path, help="private key file")
+    imported.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="read the key's passphrase from this variable instead of a prompt",
+    )
+    _add_default_option(imported)
+    imported.set_defaults(handler=cmd_key_import)
+    listing = key.add_parser("list", help="print stored keys and their fingerprints")
+    listing.set_defaults(handler=cmd_key_list)
+    public = key.add_parser("public", help="print a key's authorized_keys line")
+    public.add_argument("name")
+    public.set_defaults(handler=cmd_key_public)
+    default = key.add_parser("default", help="make a key the default key")
+    default.add_argument("name")
+    default.set_defaults(handler=cmd_key_default)
+    assign = key.add_parser("assign", help="make workers log in with a key")
+    assign.add_argument("name", help="key name, or 'default' for the default key")
+    assign.add_argument("workers", nargs="+", metavar="WORKER")
+    assign.set_defaults(handler=cmd_key_assign)
+    delete = key.add_parser("delete", help="delete a key that no worker uses")
+    delete.add_argument("name")
+    delete.set_defaults(handler=cmd_key_delete)
+    _add_key_rotate_command(key)
+
+
+def _add_default_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--default",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make it the default key (default: only when no default key exists)",
+    )
+
+
+def _add_key_rotate_command(key: Any) -> None:
+    rotate = key.add_parser(
+        "rotate",
+        help="replace a key on its workers through the running server",
+    )
+    rotate.add_argument("name")
+    rotate.add_argument("--new-name", help="name of the new key")
+    rotate.add_argument("--type", choices=tuple(keys.KEY_TYPES))
+    rotate.add_argument(
+        "--authorized-keys-file",
+        default=".ssh/authorized_keys",
+        help="authorized_keys path on the workers, relative to the home folder",
+    )
+    rotate.add_argument(
+        "--keep-old", action="store_true", help="keep the old key in the store"
+    )
+    rotate.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL))
+    rotate.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""))
+    rotate.set_defaults(handler=cmd_key_rotate)
+
+
+def _master_key(args: argparse.Namespace) -> bytes:
+    return keys.load_master_key(_settings(args).data_path())
+
+
+def cmd_key_generate(args: argparse.Namespace) -> None:
+    """Generate a key pair; print the public key line on stdout, details on stderr."""
+    engine = _engine(args)
+    record = keys.generate_key(
+        engine, _master_key(args), args.name, args.type, make_default=args.default
+    )
+    print(record.public_key)
+    _print_key_summary(record)
+
+
+def cmd_key_import(args: argparse.Namespace) -> None:
+    """Import a private key file, asking for its passphrase when it has one."""
+    engine = _engine(args)
+    data = args.file.expanduser().read_bytes()
+    passphrase = None
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+        if passphrase is None:
+            raise config.ConfigError(
+                f"environment variable {args.passphrase_env} is not set"
+            )
+    master_key = _master_key(args)
+    try:
+        record = keys.import_key(
+            engine, master_key, args.name, data, passphrase, make_default=args.default
+        )
+    except keys.PassphraseRequiredError:
+        if passphrase is not None:
+            raise
+        passphrase = getpass.getpass(f"Passphrase for {args.file}: ")
+        record = keys.import_key(
+            engine, master_key, args.name, data, passphrase, make_default=args.default
+        )
+    print(record.public_key)
+    _print_key_summary(record)
+
+
+def _print_key_summary(record: keys.KeyRecord) -> None:
+    default = ", the default key" if record.is_default else ""
+    print(
+        f"Stored {record.key_type} key {record.name} ({record.fingerprint}{default}).",
+        file=sys.stderr,
+    )
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    """Print stored keys with their types, fingerprints and workers."""
+    engine = _engine(args)
+    print(f"{'NAME':<24} {'TYPE':<20} {'DEFAULT':<7} FINGERPRINT  WORKERS")
+    for record in keys.list_keys(engine):
+        kind = record.key_type
+        if record.bits():
+            kind += f" {record.bits()}"
+        users = ",".join(user.name for user in keys.key_users(engine, record))
+        default = "yes" if record.is_default else ""
+        print(
+            f"{record.name:<24} {kind:<20} {default:<7} {record.fingerprint}  "
+            f"{users or '-'}"
+        )
+
+
+def cmd_key_public(args: argparse.Namespace) -> None:
+    """Print a key's public half as one authorized_keys line."""
+    print(keys.get_key(_engine(args), args.name).public_key)
+
+
+def cmd_key_default(args: argparse.Namespace) -> None:
+    """Make a key the default key."""
+    record = keys.set_default_key(_engine(args), args.name)
+    print(f"Key {record.name} is now the default key.")
+
+
+def cmd_key_assign(args: argparse.Namespace) -> None:
+    """Assign a key to workers, or 'default' to fall back to the default key."""
+    engine = _engine(args)
+    key_name = None if args.name == "default" else args.name
+    for worker in args.workers:
+        keys.assign_key(engine, worker, key_name)
+        print(f"Worker {worker} logs in with {key_name or 'the default key'}.")
+
+
+def cmd_key_delete(args: argparse.Namespace) -> None:
+    """Delete a key that no worker uses."""
+    keys.delete_key(_engine(args), args.name)
+    print(f"Deleted key {args.name}.")
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> None:
+    """Rotate a key through the server and print each worker's progress."""
+    payload: dict[str, Any] = {
+        "authorized_keys_file": args.authorized_keys_file,
+        "delete_old": not args.keep_old,
+    }
+    if args.new_name:
+        payload["new_name"] = args.new_name
+    if args.type:
+        payload["type"] = args.type
+    with _client(args) as client:
+        rotation = _check(client.post(f"/api/v1/keys/{args.name}/rotate", json=payload))
+        print(f"Rotating {rotation['old_key']} to {rotation['new_key']}.")
+        shown: dict[str, str] = {}
+        while True:
+            for item in rotation["workers"]:
+                line = f"{item['state']}: {item['detail'] or ''}".rstrip(": ")
+                if shown.get(item["worker"]) != line:
+                    shown[item["worker"]] = line
+                    print(f"  {item['worker']}: {line}", flush=True)
+            if rotation["state"] != "running":
+                break
+            time.sleep(ROTATION_POLL_SECONDS)
+            rotation = _check(client.get(f"/api/v1/keys/rotations/{rotation['id']}"))
+    print(f"Rotation {rotation['state']}. {rotation['detail'] or ''}".rstrip())
+    sys.exit(0 if rotation["state"] == "succeeded" else 1)
+
+
+def _add_inventory_commands(sub: Any) -> None:
+    group = sub.add_parser(
+        "inventory", help="sync workers with an Ansible inventory"
+    ).add_subparsers(title="inventory")
+    sync = group.add_parser(
+        "sync", help="create and update workers and classes from an inventory"
+    )
+    sync.add_argument("file", type=Path, help="Ansible inventory in YAML format")
+    sync.add_argument(
+        "--dry-run", action="store_true", help="print the changes without writing"
+    )
+    sync.set_defaults(handler=cmd_inventory_sync)
+    export = group.add_parser(
+        "export", help="write the workers as an Ansible YAML inventory"
+    )
+    export.add_argument(
+        "file", type=Path, nargs="?", help="output file (default: stdout)"
+    )
+    export.set_defaults(handler=cmd_inventory_export)
+
+
+def cmd_inventory_sync(args: argparse.Namespace) -> None:
+    """Create and update workers from an inventory file and print what changed."""
+    try:
+        text = args.file.expanduser().read_text()
+    except OSError as exc:
+        raise config.ConfigError(f"cannot read {args.file}: {exc}") from exc
+    parsed = inventory.Inventory.from_yaml(text, str(args.file))
+    report = inventory.sync_inventory(_engine(args), parsed, dry_run=args.dry_run)
+    for line in report.lines():
+        print(line)
+
+
+def cmd_inventory_export(args: argparse.Namespace) -> None:
+    """Write the server's SSH workers as an Ansible inventory."""
+    text = inventory.export_inventory(_engine(args))
+    if args.file is None:
+        sys.stdout.write(text)
+        return
+    args.file.expanduser().write_text(text)
+    print(f"Wrote {args.file}.", file=sys.stderr)
 
 
 if __name__ == "__main__":

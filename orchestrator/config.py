@@ -56,8 +56,18 @@ DEFAULT_CONFIG_TEXT = """\
 # Seconds an SSH connection may take to open before the attempt fails.
 # ssh_connect_timeout_seconds = 10
 
-# Seconds between SSH keepalive messages on pooled connections.
+# Seconds between SSH keepalive messages on pooled connections. A connection
+# that misses three in a row counts as lost.
 # ssh_keepalive_seconds = 5
+
+# Seconds to keep trying to reach a running job again after its connection was
+# lost. Jobs keep running on the worker meanwhile; past this grace they end
+# "lost" (and run again elsewhere when the job allows retries).
+# reattach_grace_seconds = 60
+
+# Seconds without a poll from a pull agent before its worker goes offline.
+# Its running jobs then end "lost" unless it returns within reattach_grace_seconds.
+# agent_heartbeat_timeout_seconds = 30
 """
 
 
@@ -77,6 +87,8 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     ssh_connect_timeout_seconds: float = Field(default=10, gt=0)
     ssh_keepalive_seconds: float = Field(default=5, gt=0)
+    reattach_grace_seconds: float = Field(default=60, ge=0)
+    agent_heartbeat_timeout_seconds: float = Field(default=30, gt=0)
     config_path: Path | None = None
 
     def resolved_database_url(self) -> str:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,11 +13,12 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from orchestrator import jobs, outputs, scripts, workers
+from orchestrator import jobs, keys, outputs, scripts, workers
 from orchestrator.config import Settings
 from orchestrator.jobs import JobSpec
-from orchestrator.timeutil import utcnow
+from orchestrator.timeutil import as_utc, utcnow
 from orchestrator.transports.base import (
+    STDERR,
     Execution,
     ExitResult,
     RunSpec,
@@ -30,6 +32,8 @@ from orchestrator.transports.ssh import HostKeyChangedError, SshTarget, SshTrans
 logger = logging.getLogger(__name__)
 
 WORKER_REFRESH_SECONDS = 1.0
+REATTACH_PAUSE_SECONDS = 1.0
+RETRY_MARKER = b"\n[jobbalancer: starting attempt %d after: %s]\n"
 CHECK_TIMEOUT_MARGIN_SECONDS = 5.0
 KILL_WAIT_MARGIN_SECONDS = 15.0
 
@@ -155,7 +159,9 @@ class Dispatcher:
         self._launch(spec, worker, marked=True)
         return jobs.RUNNING
 
-    def _choose_worker(self, class_id: int) -> WorkerRuntime | None:
+    def _choose_worker(
+        self, class_id: int, avoid: int | None = None
+    ) -> WorkerRuntime | None:
         candidates = [
             w
             for w in self.workers.values()
@@ -163,6 +169,9 @@ class Dispatcher:
         ]
         if not candidates:
             return None
+        # A retry goes to another worker when one is free.
+        others = [w for w in candidates if w.record.id != avoid]
+        candidates = others or candidates
         if self.strategy == "least_loaded":
             return min(
                 candidates,
@@ -184,7 +193,7 @@ class Dispatcher:
         """Place queued jobs of a class while workers have free slots."""
         queue = self.queues.get(class_id)
         while queue and not self._stopping:
-            worker = self._choose_worker(class_id)
+            worker = self._choose_worker(class_id, avoid=queue[0].avoid_worker_id)
             if worker is None:
                 return
             spec = queue.popleft()
@@ -204,7 +213,11 @@ class Dispatcher:
         try:
             if not marked:
                 await asyncio.to_thread(
-                    jobs.mark_running, self.engine, spec.id, worker.record.id
+                    jobs.mark_running,
+                    self.engine,
+                    spec.id,
+                    worker.record.id,
+                    spec.run_token,
                 )
             requeued = await self._execute(job)
         except asyncio.CancelledError:
@@ -225,37 +238,99 @@ class Dispatcher:
         run_spec = await self._build_run_spec(spec)
         writer = outputs.OutputWriter(self.engine, spec.id, self.settings.max_log_bytes)
         job.writer = writer
-        try:
-            execution = await worker.transport.start(run_spec, writer.write)
-        except TransportError as exc:
-            return await self._handle_start_failure(job, exc)
-        job.execution = execution
-        logger.info(
-            "Started job %d on %s",
-            spec.id,
-            worker.record.name,
-            extra={
-                "event": "job_started",
-                "job": spec.id,
-                "worker": worker.record.name,
-            },
-        )
-        if job.stop_state is not None:
-            self._spawn(execution.kill(self.settings.kill_grace_seconds))
-        result = await self._wait_with_watchdog(job, execution)
+        offsets = (0, 0)
+        if spec.resume_offsets is not None:
+            offsets = await writer.resume()
+        if spec.started_monotonic is None:
+            spec.started_monotonic = asyncio.get_running_loop().time()
+        result = await self._follow(job, run_spec, offsets)
+        if result is None:
+            return True
         await writer.close()
         state, reason = _final_state(job.stop_state, result)
+        if self._should_retry(spec, state):
+            worker.transport.forget(run_spec)
+            await self._schedule_retry(job, reason or state)
+            return True
         await self._finish(
             job, state, exit_code=result.exit_code, signal=result.signal, reason=reason
         )
+        worker.transport.forget(run_spec)
         return False
 
-    async def _handle_start_failure(self, job: RunningJob, exc: TransportError) -> bool:
+    async def _follow(
+        self, job: RunningJob, run_spec: RunSpec, offsets: tuple[int, int]
+    ) -> ExitResult | None:
+        """Start or attach to the job and follow it, attaching again after a
+        dropped connection until reattach_grace_seconds pass.
+
+        Returns None when the job never started and went back to the queue.
+        """
+        spec, worker = job.spec, job.worker
+        grace = self.settings.reattach_grace_seconds
+        attached = spec.resume_offsets is not None
+        lost_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                execution = await worker.transport.start(
+                    run_spec, job.writer.write if job.writer else _discard, offsets
+                )
+            except TransportError as exc:
+                if not attached:
+                    return await self._handle_start_failure(job, exc)
+                lost_since = lost_since if lost_since is not None else loop.time()
+                if loop.time() - lost_since >= grace:
+                    return ExitResult(error=f"lost contact with the worker: {exc}")
+                await asyncio.sleep(REATTACH_PAUSE_SECONDS)
+                continue
+            if not attached:
+                logger.info(
+                    "Started job %d on %s",
+                    spec.id,
+                    worker.record.name,
+                    extra={
+                        "event": "job_started",
+                        "job": spec.id,
+                        "worker": worker.record.name,
+                    },
+                )
+            elif lost_since is not None or spec.resume_offsets is not None:
+                logger.warning(
+                    "Attached again to job %d on %s",
+                    spec.id,
+                    worker.record.name,
+                    extra={"event": "job_reattached", "job": spec.id},
+                )
+            attached = True
+            job.execution = execution
+            if job.stop_state is not None:
+                self._spawn(self._kill_execution(job, execution))
+            result = await self._wait_with_watchdog(job, execution)
+            offsets = execution.received()
+            if result.error is None or not _reattachable(worker):
+                return result
+            if self._stopping:
+                # The job keeps running; the next start attaches to it again.
+                return None
+            lost_since = lost_since if lost_since is not None else loop.time()
+            if loop.time() - lost_since >= grace:
+                return result
+            logger.warning(
+                "Lost the connection to job %d on %s, attaching again: %s",
+                spec.id,
+                worker.record.name,
+                result.error,
+                extra={"event": "job_connection_lost", "job": spec.id},
+            )
+            await asyncio.sleep(REATTACH_PAUSE_SECONDS)
+
+    async def _handle_start_failure(
+        self, job: RunningJob, exc: TransportError
+    ) -> ExitResult | None:
         spec, worker = job.spec, job.worker
         if not exc.retryable or job.stop_state is not None:
-            state = job.stop_state or jobs.FAILED
-            await self._finish(job, state, reason=f"could not start: {exc}")
-            return False
+            return ExitResult(error=f"could not start: {exc}", started=False)
         # The job never ran: queue it again and take the worker out of rotation
         # until the next liveness check succeeds.
         logger.warning(
@@ -267,15 +342,58 @@ class Dispatcher:
         )
         await self._set_offline(worker, str(exc))
         await asyncio.to_thread(jobs.mark_waiting, self.engine, spec.id, str(exc))
+        spec.started_monotonic = None
         self.queues.setdefault(spec.class_id, deque()).appendleft(spec)
-        return True
+        return None
+
+    def _should_retry(self, spec: JobSpec, state: str) -> bool:
+        if spec.attempt > spec.retries or self._stopping:
+            return False
+        if state == jobs.LOST:
+            return True
+        return state == jobs.FAILED and spec.retry_on == "any"
+
+    async def _schedule_retry(self, job: RunningJob, reason: str) -> None:
+        spec = job.spec
+        spec.attempt += 1
+        spec.run_token = secrets.token_hex(8)
+        spec.avoid_worker_id = job.worker.record.id
+        spec.resume_offsets = None
+        spec.started_monotonic = None
+        if job.writer is not None:
+            await job.writer.write(
+                STDERR, RETRY_MARKER % (spec.attempt, reason.encode(errors="replace"))
+            )
+            await job.writer.close()
+        await asyncio.to_thread(
+            jobs.mark_retry, self.engine, spec, f"attempt {spec.attempt - 1}: {reason}"
+        )
+        logger.warning(
+            "Job %d ended %s, running attempt %d of %d",
+            spec.id,
+            reason,
+            spec.attempt,
+            spec.retries + 1,
+            extra={"event": "job_retry", "job": spec.id},
+        )
+        self._spawn(self._enqueue_later(spec, spec.retry_delay))
+
+    async def _enqueue_later(self, spec: JobSpec, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.queues.setdefault(spec.class_id, deque()).append(spec)
+        self._pump(spec.class_id)
 
     async def _wait_with_watchdog(
         self, job: RunningJob, execution: Execution
     ) -> ExitResult:
         wait_task = asyncio.ensure_future(execution.wait())
         watchdog = job.spec.watchdog or self.settings.default_watchdog_seconds or None
-        done, _ = await asyncio.wait({wait_task}, timeout=watchdog)
+        timeout = None
+        if watchdog is not None and job.spec.started_monotonic is not None:
+            elapsed = asyncio.get_running_loop().time() - job.spec.started_monotonic
+            timeout = max(0.0, watchdog - elapsed)
+        done, _ = await asyncio.wait({wait_task}, timeout=timeout)
         if not done and job.stop_state is None:
             job.stop_state = jobs.TIMED_OUT
             logger.warning(
@@ -295,12 +413,14 @@ class Dispatcher:
 
     async def _build_run_spec(self, spec: JobSpec) -> RunSpec:
         if spec.script_id is None:
-            return RunSpec.for_command(spec.id, spec.command or "")
+            return RunSpec.for_command(spec.id, spec.command or "", spec.run_id)
         script = await asyncio.to_thread(
             scripts.get_script, self.engine, spec.script_id
         )
         body = ScriptBody(script.body.encode(), script.interpreter)
-        return RunSpec(spec.id, script=body, params=list(spec.params))
+        return RunSpec(
+            spec.id, script=body, params=list(spec.params), run_id=spec.run_id
+        )
 
     async def _finish(
         self,
@@ -428,7 +548,8 @@ class Dispatcher:
         self, runtime: WorkerRuntime, record: workers.WorkerRecord
     ) -> None:
         old = runtime.record
-        key_reset = old.host_key is not None and record.host_key is None
+        # A cleared or accepted host key needs a transport that trusts the new one.
+        key_reset = old.host_key is not None and record.host_key != old.host_key
         changed = old.connection_fields()[:-1] != record.connection_fields()[:-1]
         if key_reset or changed:
             old_transport = runtime.transport
@@ -446,12 +567,15 @@ class Dispatcher:
         if record.transport == "local":
             return LocalTransport(self._script_dir)
         if record.transport == "ssh":
+            client_key, key_error = self._load_client_key(record)
             target = SshTarget(
                 name=record.name,
                 host=record.host,
                 port=record.port,
                 username=record.username,
                 key_path=record.key_path,
+                client_key=client_key,
+                key_error=key_error,
                 max_sessions=record.max_sessions,
                 host_key=record.host_key,
                 connect_timeout_seconds=self.settings.ssh_connect_timeout_seconds,
@@ -466,6 +590,27 @@ class Dispatcher:
             return SshTransport(target, save_host_key)
         raise ValueError(f"transport {record.transport!r} is not supported")
 
+    def _load_client_key(self, record: workers.WorkerRecord) -> tuple[Any, str | None]:
+        """Decrypt the stored key a worker logs in with.
+
+        Returns (key, None), (None, None) when the worker uses a key file or
+        the SSH defaults, or (None, reason) when the key cannot be decrypted.
+        """
+        key_id = record.client_key_id()
+        if key_id is None:
+            return None, None
+        try:
+            master_key = keys.load_master_key(self.settings.data_path())
+            return keys.load_private_key(self.engine, master_key, key_id), None
+        except keys.KeyStoreError as exc:
+            logger.error(
+                "Cannot load the SSH key of worker %s: %s",
+                record.name,
+                exc,
+                extra={"event": "worker_key_unusable", "worker": record.name},
+            )
+            return None, f"cannot use the stored SSH key: {exc}"
+
     async def _check(self, worker: WorkerRuntime) -> None:
         if worker.checking or worker.record.transport == "local":
             return
@@ -479,6 +624,13 @@ class Dispatcher:
             reason = str(exc) or "liveness check timed out"
             if isinstance(exc, HostKeyChangedError):
                 reason = str(exc)
+                if exc.presented_key:
+                    await asyncio.to_thread(
+                        keys.record_pending_host_key,
+                        self.engine,
+                        worker.record.id,
+                        exc.presented_key,
+                    )
             await self._set_offline(worker, reason)
         else:
             await self._set_online(worker)
@@ -537,9 +689,15 @@ class Dispatcher:
                 logger.exception("Reloading the worker inventory failed")
 
     async def _recover_jobs(self) -> None:
+        """Queue waiting jobs again and attach to jobs that ran on SSH workers."""
         rows = await asyncio.to_thread(jobs.load_unfinished, self.engine)
         for row in rows:
-            if row.state == jobs.RUNNING:
+            spec = jobs.spec_from_row(row)
+            if row.state == jobs.WAITING:
+                self.queues.setdefault(row.class_id, deque()).append(spec)
+                continue
+            worker = self.workers.get(row.worker_id)
+            if worker is None or worker.record.transport != "ssh" or not row.run_token:
                 await asyncio.to_thread(
                     jobs.finish_job,
                     self.engine,
@@ -548,17 +706,17 @@ class Dispatcher:
                     reason="the server stopped while the job ran",
                 )
                 continue
-            spec = JobSpec(
-                id=row.id,
-                class_id=row.class_id,
-                command=row.command,
-                script_id=row.script_id,
-                params=list(row.params or []),
-                watchdog=row.watchdog,
-                user_id=row.user_id,
-                attempt=row.attempt,
+            spec.resume_offsets = (0, 0)
+            if row.started_at is not None:
+                age = (utcnow() - as_utc(row.started_at)).total_seconds()
+                spec.started_monotonic = asyncio.get_running_loop().time() - age
+            logger.info(
+                "Attaching again to job %d on %s after a restart",
+                row.id,
+                worker.record.name,
+                extra={"event": "job_recovering", "job": row.id},
             )
-            self.queues.setdefault(row.class_id, deque()).append(spec)
+            self._launch(spec, worker, marked=True)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -578,9 +736,19 @@ class Dispatcher:
         return self._script_dir
 
 
+async def _discard(stream: int, data: bytes) -> None:
+    """Drop output; used only when a job has no writer."""
+
+
+def _reattachable(worker: WorkerRuntime) -> bool:
+    return worker.record.transport == "ssh"
+
+
 def _final_state(stop_state: str | None, result: ExitResult) -> tuple[str, str | None]:
     if stop_state is not None:
         return stop_state, result.error
+    if result.error is not None and not result.started:
+        return jobs.FAILED, result.error
     if result.error is not None:
         return jobs.LOST, result.error
     if result.signal is not None:

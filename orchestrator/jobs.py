@@ -1,6 +1,7 @@
 """Job rows: states, transitions and queries."""
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,6 +40,56 @@ class JobSpec:
     user_id: int | None
     attempt: int = 1
     created_at: datetime = field(default_factory=utcnow)
+    run_token: str = field(default_factory=lambda: secrets.token_hex(8))
+    retries: int = 0
+    retry_delay: float = 0.0
+    retry_on: str = "infra"
+    # Set when the server restarted while the job ran: the output already stored
+    # as (stdout bytes, stderr bytes), so the job is attached to, not started.
+    resume_offsets: tuple[int, int] | None = None
+    # A worker the next attempt should avoid when another one is free.
+    avoid_worker_id: int | None = None
+    started_monotonic: float | None = None
+
+    @property
+    def run_id(self) -> str:
+        """Return the name of this attempt's run folder on the worker."""
+        return f"{self.id}-{self.attempt}-{self.run_token}"
+
+
+def spec_from_row(row: Any) -> JobSpec:
+    """Build a JobSpec from a jobs row."""
+    return JobSpec(
+        id=row.id,
+        class_id=row.class_id,
+        command=row.command,
+        script_id=row.script_id,
+        params=list(row.params or []),
+        watchdog=row.watchdog,
+        user_id=row.user_id,
+        attempt=row.attempt,
+        run_token=row.run_token or secrets.token_hex(8),
+        retries=row.retries,
+        retry_delay=row.retry_delay,
+        retry_on=row.retry_on,
+    )
+
+
+def mark_retry(engine: Engine, spec: JobSpec, reason: str) -> None:
+    """Record that a job waits for its next attempt."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(models.jobs)
+            .where(models.jobs.c.id == spec.id)
+            .values(
+                state=WAITING,
+                worker_id=None,
+                started_at=None,
+                attempt=spec.attempt,
+                run_token=spec.run_token,
+                reason=reason,
+            )
+        )
 
 
 def insert_job(engine: Engine, values: dict[str, Any]) -> int:
@@ -48,13 +99,20 @@ def insert_job(engine: Engine, values: dict[str, Any]) -> int:
         return int(result.inserted_primary_key[0])
 
 
-def mark_running(engine: Engine, job_id: int, worker_id: int) -> None:
+def mark_running(
+    engine: Engine, job_id: int, worker_id: int, run_token: str | None = None
+) -> None:
     """Record that a waiting job was placed on a worker."""
+    values: dict[str, Any] = {
+        "state": RUNNING,
+        "worker_id": worker_id,
+        "started_at": utcnow(),
+    }
+    if run_token is not None:
+        values["run_token"] = run_token
     with engine.begin() as conn:
         conn.execute(
-            update(models.jobs)
-            .where(models.jobs.c.id == job_id)
-            .values(state=RUNNING, worker_id=worker_id, started_at=utcnow())
+            update(models.jobs).where(models.jobs.c.id == job_id).values(**values)
         )
 
 
@@ -226,3 +284,94 @@ def count_by_state(engine: Engine) -> dict[str, int]:
     counts = dict.fromkeys(STATES, 0)
     counts.update({state: int(n) for state, n in rows})
     return counts
+
+
+def jobs_per_day(
+    engine: Engine, since: datetime, user_id: int | None = None
+) -> list[tuple[str, str, int]]:
+    """Return (UTC day as YYYY-MM-DD, state, count) for jobs created since a time."""
+    j = models.jobs
+    # DATE() exists on SQLite, MariaDB/MySQL and PostgreSQL; SQLite returns text
+    # and the others a date, so the caller gets str() of either.
+    day = func.date(j.c.created_at).label("day")
+    conditions = [j.c.created_at >= since]
+    if user_id is not None:
+        conditions.append(j.c.user_id == user_id)
+    query = (
+        select(day, j.c.state, func.count().label("n"))
+        .where(*conditions)
+        .group_by(day, j.c.state)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [(str(r.day), r.state, int(r.n)) for r in rows]
+
+
+def worker_outcomes(
+    engine: Engine,
+    finished_since: datetime,
+    created_since: datetime,
+    user_id: int | None = None,
+) -> list[tuple[str, str, int]]:
+    """Return (worker name, state, count) for jobs that ended since a time.
+
+    ``created_since`` bounds the scan through the created_at index, because
+    finished_at has no index; jobs that ran longer than that window are left out.
+    """
+    j, w = models.jobs, models.workers
+    conditions = [
+        j.c.created_at >= created_since,
+        j.c.finished_at >= finished_since,
+        j.c.worker_id.is_not(None),
+    ]
+    if user_id is not None:
+        conditions.append(j.c.user_id == user_id)
+    query = (
+        select(w.c.name, j.c.state, func.count().label("n"))
+        .join(w, w.c.id == j.c.worker_id)
+        .where(*conditions)
+        .group_by(w.c.name, j.c.state)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [(r.name, r.state, int(r.n)) for r in rows]
+
+
+def count_by_state_for_user(engine: Engine, user_id: int) -> dict[str, int]:
+    """Return the number of one user's jobs in each state."""
+    j = models.jobs
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(j.c.state, func.count())
+            .where(j.c.user_id == user_id)
+            .group_by(j.c.state)
+        ).all()
+    counts = dict.fromkeys(STATES, 0)
+    counts.update({state: int(n) for state, n in rows})
+    return counts
+
+
+def count_active_by_class(engine: Engine) -> dict[int, int]:
+    """Return the number of waiting or running jobs per worker class id."""
+    j = models.jobs
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(j.c.class_id, func.count())
+            .where(j.c.state.in_((WAITING, RUNNING)))
+            .group_by(j.c.class_id)
+        ).all()
+    return {int(class_id): int(n) for class_id, n in rows}
+
+
+def get_job_rows(
+    engine: Engine, job_ids: list[int], user_id: int | None = None
+) -> list[Any]:
+    """Load several jobs by id, limited to one user's jobs when user_id is set."""
+    if not job_ids:
+        return []
+    j = models.jobs
+    query = _job_select().where(j.c.id.in_(job_ids))
+    if user_id is not None:
+        query = query.where(j.c.user_id == user_id)
+    with engine.connect() as conn:
+        return list(conn.execute(query.order_by(j.c.id)).all())

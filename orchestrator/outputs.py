@@ -40,6 +40,14 @@ class OutputWriter:
         self.truncated = False
         self.listeners: list[asyncio.Queue[tuple[int, bytes] | None]] = []
 
+    async def resume(self) -> tuple[int, int]:
+        """Continue after the output already stored; return its per-stream sizes."""
+        seq, sizes = await asyncio.to_thread(_stored_state, self._engine, self._job_id)
+        self._seq = seq
+        self._offset = sizes[0] + sizes[1]
+        self.total_bytes = self._offset
+        return sizes
+
     async def write(self, stream: int, data: bytes) -> None:
         """Append output from one stream."""
         if self.truncated:
@@ -119,6 +127,21 @@ class OutputWriter:
             logger.exception("Writing output of job %d failed", self._job_id)
 
 
+def _stored_state(engine: Engine, job_id: int) -> tuple[int, tuple[int, int]]:
+    o = models.job_output
+    with engine.connect() as conn:
+        next_seq = conn.execute(
+            select(func.coalesce(func.max(o.c.seq) + 1, 0)).where(o.c.job_id == job_id)
+        ).scalar_one()
+        rows = conn.execute(
+            select(o.c.stream, func.sum(func.length(o.c.data)))
+            .where(o.c.job_id == job_id)
+            .group_by(o.c.stream)
+        ).all()
+    sizes = {int(stream): int(size or 0) for stream, size in rows}
+    return int(next_seq), (sizes.get(1, 0), sizes.get(2, 0))
+
+
 def _insert_chunks(engine: Engine, rows: list[dict[str, Any]]) -> None:
     total = sum(len(row["data"]) for row in rows)
     with engine.begin() as conn:
@@ -174,3 +197,83 @@ def output_size(engine: Engine, job_id: int, stream: int | None = None) -> int:
         query = query.where(o.c.stream == stream)
     with engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
+
+
+def iter_output_range(
+    engine: Engine, job_id: int, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (stream, offset, data) for both streams between two byte offsets.
+
+    Offsets count the interleaved output, as the ``offset`` column does, so a
+    reader can resume at the offset after the last byte it received.
+    """
+    o = models.job_output
+    with engine.connect() as conn:
+        first = conn.execute(
+            select(func.max(o.c.seq)).where(o.c.job_id == job_id, o.c.offset <= start)
+        ).scalar()
+    last_seq = -1 if first is None else int(first) - 1
+    while True:
+        query = (
+            select(o.c.seq, o.c.stream, o.c.offset, o.c.data)
+            .where(o.c.job_id == job_id, o.c.seq > last_seq)
+            .order_by(o.c.seq)
+            .limit(16)
+        )
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            return
+        for row in rows:
+            last_seq = row.seq
+            chunk_start, data = int(row.offset), bytes(row.data)
+            if end is not None and chunk_start >= end:
+                return
+            if chunk_start < start:
+                data = data[start - chunk_start :]
+                chunk_start = start
+            if end is not None:
+                data = data[: end - chunk_start]
+            if data:
+                yield row.stream, chunk_start, data
+
+
+def read_head(engine: Engine, job_id: int, stream: int, max_bytes: int) -> bytes:
+    """Return up to ``max_bytes`` from the start of one stream."""
+    o = models.job_output
+    data = bytearray()
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(o.c.data)
+            .where(o.c.job_id == job_id, o.c.stream == stream)
+            .order_by(o.c.seq)
+            .limit(4)
+        ).all()
+    for row in rows:
+        data.extend(row.data)
+        if len(data) >= max_bytes:
+            break
+    return bytes(data[:max_bytes])
+
+
+def read_tail(engine: Engine, job_id: int, max_bytes: int) -> list[tuple[int, bytes]]:
+    """Return the last chunks of both streams, about ``max_bytes``, oldest first."""
+    o = models.job_output
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(o.c.stream, o.c.data)
+            .where(o.c.job_id == job_id)
+            .order_by(o.c.seq.desc())
+            .limit(8)
+        ).all()
+    chunks: list[tuple[int, bytes]] = []
+    total = 0
+    for row in rows:
+        data = bytes(row.data)
+        if total + len(data) > max_bytes:
+            chunks.append((row.stream, data[len(data) - (max_bytes - total) :]))
+            break
+        chunks.append((row.stream, data))
+        total += len(data)
+    chunks.reverse()
+    return chunks

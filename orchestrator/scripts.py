@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, delete, func, insert, select, update
 
 from orchestrator import models
 from orchestrator.exceptions import ConflictError, InvalidInputError, NotFoundError
@@ -35,17 +35,7 @@ class Script:
 
 def add_script(engine: Engine, name: str, interpreter: str, body: str) -> Script:
     """Store a new script."""
-    if not name or len(name) > 128:
-        raise InvalidInputError("name must be 1 to 128 characters", field="name")
-    if not interpreter.strip():
-        raise InvalidInputError(
-            "interpreter is required, for example /bin/sh or python3",
-            field="interpreter",
-        )
-    if len(body.encode()) > MAX_SCRIPT_BYTES:
-        raise InvalidInputError(
-            f"body is larger than {MAX_SCRIPT_BYTES} bytes", field="body"
-        )
+    _validate_script(name, interpreter, body)
     now = utcnow()
     with engine.begin() as conn:
         exists = conn.execute(
@@ -93,3 +83,64 @@ def list_scripts(engine: Engine) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+
+
+def _validate_script(name: str, interpreter: str, body: str) -> None:
+    if not name or len(name) > 128:
+        raise InvalidInputError("name must be 1 to 128 characters", field="name")
+    if not interpreter.strip():
+        raise InvalidInputError(
+            "interpreter is required, for example /bin/sh or python3",
+            field="interpreter",
+        )
+    if len(body.encode()) > MAX_SCRIPT_BYTES:
+        raise InvalidInputError(
+            f"body is larger than {MAX_SCRIPT_BYTES} bytes", field="body"
+        )
+
+
+def update_script(
+    engine: Engine, script_id: int, name: str, interpreter: str, body: str
+) -> Script:
+    """Rename a script or change its interpreter or body.
+
+    Waiting jobs run the new version, because workers receive the body when a
+    job starts.
+    """
+    _validate_script(name, interpreter, body)
+    get_script(engine, script_id)
+    s = models.scripts
+    with engine.begin() as conn:
+        taken = conn.execute(
+            select(s.c.id).where(s.c.name == name, s.c.id != script_id)
+        ).first()
+        if taken:
+            raise ConflictError(f"script {name!r} already exists", field="name")
+        conn.execute(
+            update(s)
+            .where(s.c.id == script_id)
+            .values(name=name, interpreter=interpreter, body=body, updated_at=utcnow())
+        )
+    return get_script(engine, script_id)
+
+
+def delete_script(engine: Engine, script_id: int) -> None:
+    """Delete a script that no waiting or running job uses.
+
+    Finished jobs of the script keep their params but lose the script link.
+    """
+    script = get_script(engine, script_id)
+    j = models.jobs
+    with engine.begin() as conn:
+        active = conn.execute(
+            select(func.count())
+            .select_from(j)
+            .where(j.c.script_id == script_id, j.c.state.in_(("waiting", "running")))
+        ).scalar_one()
+        if active:
+            raise ConflictError(
+                f"script {script.name!r} has {active} waiting or running jobs: "
+                "wait for them or kill them first"
+            )
+        conn.execute(update(j).where(j.c.script_id == script_id).values(script_id=None))
+        conn.execute(delete(models.scripts).where(models.scripts.c.id == script_id))

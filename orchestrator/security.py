@@ -8,6 +8,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 API_KEY_PREFIX = "jb_"
+AGENT_TOKEN_PREFIX = "jba_"
 PREFIX_CHARS = 8
 
 _hasher = PasswordHasher()
@@ -36,6 +37,12 @@ def generate_api_key() -> tuple[str, str, str]:
     prefix = secrets.token_hex(PREFIX_CHARS // 2)
     key = f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
     return key, prefix, hash_api_key(key)
+
+
+def generate_agent_token() -> tuple[str, str]:
+    """Return a new pull-agent token and its hash; only the hash is stored."""
+    token = f"{AGENT_TOKEN_PREFIX}{secrets.token_urlsafe(32)}"
+    return token, hash_api_key(token)
 
 
 def hash_api_key(key: str) -> str:

@@ -40,15 +40,33 @@ class WorkerRecord:
     reason: str | None
     last_seen_at: datetime | None
     host_key: str | None
+    # The stored SSH key assigned to this worker, and the default stored key.
+    key_id: int | None = None
+    default_key_id: int | None = None
+
+    def client_key_id(self) -> int | None:
+        """Return the stored key this worker logs in with, or None.
+
+        An assigned key wins, then a key file (key_path), then the default key.
+        """
+        if self.key_id is not None:
+            return self.key_id
+        if self.key_path:
+            return None
+        return self.default_key_id
 
     def connection_fields(self) -> tuple[Any, ...]:
-        """Return the fields whose change requires new connections."""
+        """Return the fields whose change requires new connections.
+
+        host_key stays last: the dispatcher compares the others on their own.
+        """
         return (
             self.transport,
             self.host,
             self.port,
             self.username,
             self.key_path,
+            self.client_key_id(),
             self.max_sessions,
             self.host_key,
         )
@@ -74,14 +92,26 @@ def _record(row: Any) -> WorkerRecord:
         reason=row.reason,
         last_seen_at=as_utc(row.last_seen_at),
         host_key=row.host_key,
+        key_id=row.key_id,
+        default_key_id=row.default_key_id,
     )
 
 
 def _worker_select() -> Any:
-    w, c = models.workers, models.worker_classes
-    return select(w, c.c.name.label("class_name"), c.c.default_max_jobs).join(
-        c, c.c.id == w.c.class_id
+    w, c, k = models.workers, models.worker_classes, models.ssh_keys
+    default_key = (
+        select(k.c.id)
+        .where(k.c.is_default.is_(True))
+        .order_by(k.c.id)
+        .limit(1)
+        .scalar_subquery()
     )
+    return select(
+        w,
+        c.c.name.label("class_name"),
+        c.c.default_max_jobs,
+        default_key.label("default_key_id"),
+    ).join(c, c.c.id == w.c.class_id)
 
 
 def list_workers(engine: Engine) -> list[WorkerRecord]:
@@ -220,8 +250,15 @@ def add_worker(
     class_name: str = DEFAULT_CLASS,
     max_jobs: int | None = None,
     max_sessions: int = 10,
+    key_id: int | None = None,
+    token_hash: str | None = None,
 ) -> WorkerRecord:
-    """Insert a worker, creating its class when needed."""
+    """Insert a worker, creating its class when needed.
+
+    ``key_id`` names a stored SSH key; without it and without ``key_path`` the
+    worker logs in with the default stored key. ``token_hash`` is the SHA-256
+    of an agent worker's token.
+    """
     _validate_worker(name, transport, host, port, max_jobs, max_sessions)
     with engine.begin() as conn:
         if conn.execute(
@@ -238,6 +275,8 @@ def add_worker(
                 port=port,
                 username=username,
                 key_path=key_path,
+                key_id=key_id,
+                token_hash=token_hash,
                 class_id=class_id,
                 max_jobs=max_jobs,
                 max_sessions=max_sessions,
@@ -340,6 +379,26 @@ def record_state(
         )
 
 
+def get_worker_by_token(engine: Engine, token_hash: str) -> WorkerRecord | None:
+    """Load the worker whose pull agent authenticates with this token hash."""
+    query = _worker_select().where(models.workers.c.token_hash == token_hash)
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return _record(row) if row is not None else None
+
+
+def set_token_hash(engine: Engine, name: str, token_hash: str) -> None:
+    """Replace the token hash of an agent worker."""
+    worker = get_worker(engine, name)
+    if worker.transport != "agent":
+        raise ConflictError(
+            f"worker {name!r} uses the {worker.transport} transport: only agent "
+            "workers have tokens",
+            field="name",
+        )
+    _update(engine, name, token_hash=token_hash)
+
+
 def record_host_key(engine: Engine, worker_id: int, host_key: str) -> None:
     """Store the host key a worker presented at first contact."""
     with engine.begin() as conn:
@@ -370,4 +429,206 @@ def public_worker(
         "enabled": worker.enabled,
         "draining": worker.draining,
         "last_seen_at": isoformat(worker.last_seen_at),
+        # The stored SSH key assigned to the worker; None means the default key
+        # or the key file.
+        "key_id": worker.key_id,
     }
+
+
+def get_class(engine: Engine, class_id: int) -> dict[str, Any]:
+    """Load a worker class by id."""
+    c = models.worker_classes
+    with engine.connect() as conn:
+        row = conn.execute(select(c).where(c.c.id == class_id)).first()
+    if row is None:
+        raise NotFoundError(f"worker class {class_id} not found")
+    return {"id": row.id, "name": row.name, "default_max_jobs": row.default_max_jobs}
+
+
+def create_class(engine: Engine, name: str, default_max_jobs: int) -> int:
+    """Insert a worker class and return its id."""
+    _validate_class(name, default_max_jobs)
+    c = models.worker_classes
+    with engine.begin() as conn:
+        if conn.execute(select(c.c.id).where(c.c.name == name)).first():
+            raise ConflictError(f"worker class {name!r} already exists", field="name")
+        class_id = ensure_class(conn, name, default_max_jobs)
+    logger.info("Created worker class %s", name, extra={"event": "class_created"})
+    return class_id
+
+
+def update_class(
+    engine: Engine, class_id: int, name: str, default_max_jobs: int
+) -> None:
+    """Rename a worker class or change its default max jobs.
+
+    Users limited to the class by name keep their access under the new name.
+    """
+    _validate_class(name, default_max_jobs)
+    old = get_class(engine, class_id)
+    if old["name"] == DEFAULT_CLASS and name != DEFAULT_CLASS:
+        raise ConflictError(
+            f"the {DEFAULT_CLASS!r} class takes jobs that name no class, so it "
+            "keeps its name",
+            field="name",
+        )
+    c = models.worker_classes
+    with engine.begin() as conn:
+        taken = conn.execute(
+            select(c.c.id).where(c.c.name == name, c.c.id != class_id)
+        ).first()
+        if taken:
+            raise ConflictError(f"worker class {name!r} already exists", field="name")
+        conn.execute(
+            update(c)
+            .where(c.c.id == class_id)
+            .values(name=name, default_max_jobs=default_max_jobs)
+        )
+        if old["name"] != name:
+            _rename_allowed_class(conn, old["name"], name)
+
+
+def delete_class(engine: Engine, class_id: int) -> int:
+    """Delete a worker class that no worker and no waiting or running job uses.
+
+    Finished jobs of the class move to the default class, because every job row
+    needs a class. Returns how many finished jobs moved.
+    """
+    old = get_class(engine, class_id)
+    if old["name"] == DEFAULT_CLASS:
+        raise ConflictError(
+            f"the {DEFAULT_CLASS!r} class takes jobs that name no class and "
+            "cannot be deleted"
+        )
+    w, j = models.workers, models.jobs
+    with engine.begin() as conn:
+        used_by = conn.execute(
+            select(func.count()).select_from(w).where(w.c.class_id == class_id)
+        ).scalar_one()
+        if used_by:
+            raise ConflictError(
+                f"worker class {old['name']!r} has {used_by} workers: move or "
+                "delete them first"
+            )
+        active = conn.execute(
+            select(func.count())
+            .select_from(j)
+            .where(j.c.class_id == class_id, j.c.state.in_(("waiting", "running")))
+        ).scalar_one()
+        if active:
+            raise ConflictError(
+                f"worker class {old['name']!r} has {active} waiting or running "
+                "jobs: wait for them or kill them first"
+            )
+        default_id = ensure_class(conn, DEFAULT_CLASS)
+        moved = conn.execute(
+            update(j).where(j.c.class_id == class_id).values(class_id=default_id)
+        ).rowcount
+        conn.execute(
+            delete(models.worker_classes).where(models.worker_classes.c.id == class_id)
+        )
+        _rename_allowed_class(conn, old["name"], None)
+    logger.info(
+        "Deleted worker class %s", old["name"], extra={"event": "class_deleted"}
+    )
+    return int(moved or 0)
+
+
+def _validate_class(name: str, default_max_jobs: int) -> None:
+    if not name or len(name) > 64:
+        raise InvalidInputError("name must be 1 to 64 characters", field="name")
+    if default_max_jobs < 1:
+        raise InvalidInputError(
+            "default_max_jobs must be at least 1", field="default_max_jobs"
+        )
+
+
+def _rename_allowed_class(conn: Connection, old: str, new: str | None) -> None:
+    # allowed_classes is a JSON list of names, so it is rewritten row by row.
+    u = models.users
+    rows = conn.execute(
+        select(u.c.id, u.c.allowed_classes).where(u.c.allowed_classes.is_not(None))
+    ).all()
+    for row in rows:
+        names = list(row.allowed_classes or [])
+        if old not in names:
+            continue
+        names = [n for n in names if n != old]
+        if new is not None:
+            names.append(new)
+        conn.execute(update(u).where(u.c.id == row.id).values(allowed_classes=names))
+
+
+def change_worker(
+    engine: Engine,
+    worker_id: int,
+    *,
+    name: str,
+    transport: str,
+    host: str,
+    port: int,
+    username: str,
+    key_path: str | None,
+    class_id: int,
+    max_jobs: int | None,
+    max_sessions: int,
+) -> None:
+    """Validate and store every editable field of a worker.
+
+    A new host or port forgets the recorded host key, so the next connection
+    records the new host's key on first contact.
+    """
+    _validate_worker(name, transport, host, port, max_jobs, max_sessions)
+    old = get_worker(engine, worker_id)
+    w = models.workers
+    values: dict[str, Any] = {
+        "name": name,
+        "transport": transport,
+        "host": host,
+        "port": port,
+        "username": username,
+        "key_path": key_path,
+        "class_id": class_id,
+        "max_jobs": max_jobs,
+        "max_sessions": max_sessions,
+        "updated_at": utcnow(),
+    }
+    if (old.host, old.port) != (host, port):
+        values.update(host_key=None, pending_host_key=None)
+    with engine.begin() as conn:
+        if conn.execute(
+            select(w.c.id).where(w.c.name == name, w.c.id != worker_id)
+        ).first():
+            raise ConflictError(f"worker {name!r} already exists", field="name")
+        if not conn.execute(
+            select(models.worker_classes.c.id).where(
+                models.worker_classes.c.id == class_id
+            )
+        ).first():
+            raise InvalidInputError(
+                f"worker class {class_id} not found", field="class_id"
+            )
+        conn.execute(update(w).where(w.c.id == worker_id).values(**values))
+    logger.info("Changed worker %s", name, extra={"event": "worker_changed"})
+
+
+def list_pending_host_keys(engine: Engine) -> dict[int, str]:
+    """Return changed host keys that wait for an admin, by worker id."""
+    w = models.workers
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(w.c.id, w.c.pending_host_key).where(
+                w.c.pending_host_key.is_not(None)
+            )
+        ).all()
+    return {int(row.id): str(row.pending_host_key) for row in rows}
+
+
+def get_max_jobs_override(engine: Engine, worker_id: int) -> int | None:
+    """Return a worker's own max jobs, or None when its class default applies."""
+    w = models.workers
+    with engine.connect() as conn:
+        row = conn.execute(select(w.c.max_jobs).where(w.c.id == worker_id)).first()
+    if row is None:
+        raise NotFoundError(f"worker {worker_id} not found")
+    return None if row.max_jobs is None else int(row.max_jobs)

@@ -41,13 +41,16 @@ class RunSpec:
     command: str | None = None
     script: ScriptBody | None = None
     params: list[str] = field(default_factory=list)
+    # Names this attempt's run folder on the worker: letters, digits and "-".
+    run_id: str = ""
 
     @classmethod
-    def for_command(cls, job_id: int, command: str) -> "RunSpec":
+    def for_command(cls, job_id: int, command: str, run_id: str = "") -> "RunSpec":
         """Build a spec for a shell command, moving long ones into a script."""
         if len(command.encode()) > INLINE_COMMAND_MAX_BYTES:
-            return cls(job_id, script=ScriptBody(command.encode(), "/bin/sh"))
-        return cls(job_id, command=command)
+            body = ScriptBody(command.encode(), "/bin/sh")
+            return cls(job_id, script=body, run_id=run_id)
+        return cls(job_id, command=command, run_id=run_id)
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,27 @@ class Execution(Protocol):
         """Send SIGTERM to the job's process group, then SIGKILL after the grace."""
         ...
 
+    def received(self) -> tuple[int, int]:
+        """Return the bytes of stdout and stderr received so far."""
+        ...
+
 
 class Transport(Protocol):
     """A way to run jobs on one worker."""
 
-    async def start(self, spec: RunSpec, sink: OutputSink) -> Execution:
-        """Start ``spec`` and feed its output to ``sink``; raise TransportError."""
+    async def start(
+        self, spec: RunSpec, sink: OutputSink, offsets: tuple[int, int] = (0, 0)
+    ) -> Execution:
+        """Start ``spec`` and feed its output to ``sink``; raise TransportError.
+
+        A transport that keeps jobs running apart from the server (ssh) attaches
+        to a job already started with the same ``run_id`` and resumes its output
+        after ``offsets`` (bytes of stdout and stderr already received).
+        """
+        ...
+
+    def forget(self, spec: RunSpec) -> None:
+        """Drop what the worker keeps of a job whose end is recorded."""
         ...
 
     async def check(self) -> None:

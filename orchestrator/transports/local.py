@@ -28,9 +28,10 @@ class LocalExecution:
 
     def __init__(self, process: asyncio.subprocess.Process, sink: OutputSink):
         self._process = process
+        self._offsets = [0, 0]
         self._pumps = [
-            asyncio.create_task(_pump(process.stdout, STDOUT, sink)),
-            asyncio.create_task(_pump(process.stderr, STDERR, sink)),
+            asyncio.create_task(_pump(process.stdout, STDOUT, sink, self._offsets)),
+            asyncio.create_task(_pump(process.stderr, STDERR, sink, self._offsets)),
         ]
 
     async def wait(self) -> ExitResult:
@@ -45,6 +46,10 @@ class LocalExecution:
         """Terminate the job's whole process group."""
         await kill_group(self._process.pid, grace_seconds)
 
+    def received(self) -> tuple[int, int]:
+        """Return the bytes of stdout and stderr read so far."""
+        return self._offsets[0], self._offsets[1]
+
 
 class LocalTransport:
     """Start jobs as child processes of the server."""
@@ -52,8 +57,18 @@ class LocalTransport:
     def __init__(self, script_dir: Path):
         self._script_dir = script_dir
 
-    async def start(self, spec: RunSpec, sink: OutputSink) -> LocalExecution:
-        """Start the job in a new session with stdin at end of file."""
+    async def start(
+        self, spec: RunSpec, sink: OutputSink, offsets: tuple[int, int] = (0, 0)
+    ) -> LocalExecution:
+        """Start the job in a new session with stdin at end of file.
+
+        Local jobs are children of the server and cannot be attached to again,
+        so ``offsets`` must be zero.
+        """
+        if offsets != (0, 0):
+            raise TransportError(
+                "local jobs cannot be resumed", worker="local", retryable=False
+            )
         if spec.script is not None:
             path = self._store_script(spec.script.digest, spec.script.body)
             argv = [*spec.script.interpreter_argv(), str(path), *spec.params]
@@ -73,6 +88,9 @@ class LocalTransport:
             ) from exc
         return LocalExecution(process, sink)
 
+    def forget(self, spec: RunSpec) -> None:
+        """Do nothing: a local job leaves nothing behind."""
+
     async def check(self) -> None:
         """Do nothing: the server host is always reachable from itself."""
 
@@ -91,7 +109,10 @@ class LocalTransport:
 
 
 async def _pump(
-    reader: asyncio.StreamReader | None, stream: int, sink: OutputSink
+    reader: asyncio.StreamReader | None,
+    stream: int,
+    sink: OutputSink,
+    offsets: list[int],
 ) -> None:
     if reader is None:
         return
@@ -99,6 +120,7 @@ async def _pump(
         data = await reader.read(READ_BYTES)
         if not data:
             return
+        offsets[stream - 1] += len(data)
         await sink(stream, data)
 
 

@@ -24,23 +24,63 @@ from orchestrator.transports.base import (
 logger = logging.getLogger(__name__)
 
 READ_BYTES = 256 * 1024
-PGID_WAIT_SECONDS = 10
+CLEANUP_BATCH = 64
+CLEANUP_DELAY_SECONDS = 2.0
 CHECK_TIMEOUT_SECONDS = 10
 CHANNEL_OPEN_ATTEMPTS = 5
 REMOTE_SCRIPT_DIR = '"${XDG_CACHE_HOME:-$HOME/.cache}/jobbalancer/scripts"'
 
-# The login shell runs this wrapper. sshd starts every exec channel in a new
-# session, so the wrapper's PID is also the job's process group id. It reports
-# that id on the first stderr line, and the reader strips it again.
-WRAPPER = (
-    "exec /bin/sh -c 'echo jobbalancer-pgid:$$ >&2; exec /bin/sh -c \"$1\"' "
-    "jobbalancer "
-)
-PGID_MARKER = b"jobbalancer-pgid:"
+REMOTE_RUN_DIR = '"${XDG_CACHE_HOME:-$HOME/.cache}/jobbalancer/run"'
+FOLLOW_POLL_SECONDS = 0.05
+# Channel exit statuses of the run script when it could not launch or follow the
+# job; a job may exit with these too, so they are checked against the rc file.
+STATUS_NO_FOLDER = 252
+STATUS_NO_SUPERVISOR = 253
+STATUS_NO_RC = 254
+INFRA_STATUSES = (STATUS_NO_FOLDER, STATUS_NO_SUPERVISOR, STATUS_NO_RC)
 
-# Kill the job's process group: SIGTERM, poll for the grace, then SIGKILL.
+# A job runs detached from the SSH channel, so it survives a dropped connection
+# or a restarted server. A supervisor, orphaned at once into its own session,
+# starts the job in a further session (so the job's PID is its process group
+# id), waits for it and its whole group, and writes the exit status to "rc". Output goes to the files
+# "out" and "err" in the run folder; the "started" marker makes a second run of
+# this script attach to the job instead of starting it again. The channel then
+# follows both files from the given byte offsets until the supervisor exits, and
+# exits with the job's status.
+RUN_SCRIPT = """d={run_dir}
+if [ ! -e "$d/started" ]; then
+  mkdir -p "$d" && : > "$d/out" && : > "$d/err" && : > "$d/started" || exit 252
+  ( setsid /bin/sh -c 'd=$1
+echo $$ > "$d/supervisor.tmp"
+mv "$d/supervisor.tmp" "$d/supervisor"
+setsid /bin/sh -c "$2" </dev/null >>"$d/out" 2>>"$d/err" &
+p=$!
+echo $p > "$d/pid"
+wait $p
+r=$?
+while kill -0 -- -$p 2>/dev/null; do sleep 0.1; done
+echo $r > "$d/rc.tmp"
+mv "$d/rc.tmp" "$d/rc"' jobbalancer "$d" {command} </dev/null >/dev/null 2>&1 & )
+fi
+i=0
+while [ ! -s "$d/supervisor" ]; do
+  i=$((i+1)); [ $i -gt 500 ] && exit 253; sleep 0.01
+done
+s=$(cat "$d/supervisor")
+tail -c +{out_start} -s {poll} -f --pid="$s" "$d/out" &
+t=$!
+tail -c +{err_start} -s {poll} -f --pid="$s" "$d/err" >&2
+wait $t
+[ -s "$d/rc" ] || exit 254
+exit $(cat "$d/rc")
+"""
+
+# Kill the job's process group: SIGTERM, poll for the grace, then SIGKILL. The
+# PID file appears a moment after launch, so wait for it first.
 KILL_SCRIPT = (
-    "g={pgid}; kill -TERM -- -$g 2>/dev/null || exit 0; i=0; "
+    'd={run_dir}; i=0; while [ ! -s "$d/pid" ] && [ $i -lt 50 ]; do '
+    'sleep 0.1; i=$((i+1)); done; [ -s "$d/pid" ] || exit 0; '
+    'g=$(cat "$d/pid"); kill -TERM -- -$g 2>/dev/null || exit 0; i=0; '
     "while [ $i -lt {ticks} ]; do kill -0 -- -$g 2>/dev/null || exit 0; "
     "sleep 0.1; i=$((i+1)); done; kill -KILL -- -$g 2>/dev/null; exit 0"
 )
@@ -55,6 +95,10 @@ class SshTarget:
     port: int = 22
     username: str = ""
     key_path: str | None = None
+    # A stored key decrypted in memory; when set it is used instead of key_path.
+    client_key: asyncssh.SSHKey | None = None
+    # Why the stored key could not be loaded; every connect attempt raises it.
+    key_error: str | None = None
     max_sessions: int = 10
     host_key: str | None = None
     connect_timeout_seconds: float = 10
@@ -72,7 +116,13 @@ class SshTarget:
 class HostKeyChangedError(TransportError):
     """Raised when a worker presents a host key other than the recorded one."""
 
-    def __init__(self, worker: str, expected: str, presented: str):
+    def __init__(
+        self,
+        worker: str,
+        expected: str,
+        presented: str,
+        presented_key: str | None = None,
+    ):
         super().__init__(
             f"host key changed: recorded {expected}, presented {presented}; "
             "accept the new key to bring the worker back",
@@ -80,6 +130,8 @@ class HostKeyChangedError(TransportError):
         )
         self.expected = expected
         self.presented = presented
+        # The presented key as an OpenSSH public key line, when it could be read.
+        self.presented_key = presented_key
 
 
 class _PooledConnection:
@@ -106,13 +158,28 @@ class SshTransport:
         self._connect_lock = asyncio.Lock()
         self._slot_freed = asyncio.Condition()
         self._known_scripts: set[str] = set()
+        self._stale_dirs: list[str] = []
+        self._cleanup_timer: asyncio.TimerHandle | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
         self.reconnects = 0
 
-    async def start(self, spec: RunSpec, sink: OutputSink) -> "SshExecution":
-        """Start the job on a pooled connection; raise TransportError on failure."""
+    async def start(
+        self, spec: RunSpec, sink: OutputSink, offsets: tuple[int, int] = (0, 0)
+    ) -> "SshExecution":
+        """Start the job, or attach to it when it already runs on the worker.
+
+        ``offsets`` are the bytes of stdout and stderr already received, so an
+        attach resumes the output where it stopped. Raises TransportError.
+        """
         if spec.script is not None:
             await self._ensure_script(spec.script)
-        command = WRAPPER + shlex.quote(_remote_command(spec))
+        command = RUN_SCRIPT.format(
+            run_dir=run_dir(spec),
+            command=shlex.quote(_remote_command(spec)),
+            out_start=offsets[0] + 1,
+            err_start=offsets[1] + 1,
+            poll=FOLLOW_POLL_SECONDS,
+        )
         for attempt in range(CHANNEL_OPEN_ATTEMPTS):
             pooled = await self._acquire()
             try:
@@ -132,12 +199,52 @@ class SshTransport:
                     worker=self.target.name,
                 ) from exc
             process.stdin.write_eof()
-            return SshExecution(self, pooled, process, sink)
+            return SshExecution(self, pooled, process, sink, spec, offsets)
         raise TransportError(
             f"could not open a session on {self.target.name} after "
             f"{CHANNEL_OPEN_ATTEMPTS} attempts",
             worker=self.target.name,
         )
+
+    def forget(self, spec: RunSpec) -> None:
+        """Queue the job's run folder for removal once its end is recorded."""
+        self._stale_dirs.append(run_dir(spec))
+        if len(self._stale_dirs) >= CLEANUP_BATCH:
+            self._spawn_cleanup()
+        elif self._cleanup_timer is None:
+            loop = asyncio.get_running_loop()
+            self._cleanup_timer = loop.call_later(
+                CLEANUP_DELAY_SECONDS, self._spawn_cleanup
+            )
+
+    def _spawn_cleanup(self) -> None:
+        if self._cleanup_timer is not None:
+            self._cleanup_timer.cancel()
+            self._cleanup_timer = None
+        dirs, self._stale_dirs = self._stale_dirs, []
+        if dirs:
+            task = asyncio.ensure_future(self._remove_dirs(dirs))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_dirs(self, dirs: list[str]) -> None:
+        try:
+            await self.run_simple("rm -rf " + " ".join(dirs), timeout=60)
+        except TransportError as exc:
+            logger.warning(
+                "Could not remove %d run folders on %s: %s",
+                len(dirs),
+                self.target.name,
+                exc,
+            )
+
+    async def read_status(self, spec: RunSpec) -> int | None:
+        """Return the exit status the supervisor recorded, or None without one."""
+        result = await self.run_simple(f"cat {run_dir(spec)}/rc", timeout=30)
+        text = (result.stdout or b"").strip()
+        if result.exit_status != 0 or not text.isdigit():
+            return None
+        return int(text)
 
     async def check(self) -> None:
         """Probe the listener and run ``true`` over the pool."""
@@ -186,10 +293,10 @@ class SshTransport:
             f"could not open a session on {self.target.name}", worker=self.target.name
         )
 
-    async def kill_group(self, pgid: int, grace_seconds: float) -> None:
-        """Terminate a process group on the worker."""
+    async def kill_job(self, spec: RunSpec, grace_seconds: float) -> None:
+        """Terminate a job's process group on the worker."""
         ticks = max(1, int(grace_seconds * 10))
-        script = KILL_SCRIPT.format(pgid=int(pgid), ticks=ticks)
+        script = KILL_SCRIPT.format(run_dir=run_dir(spec), ticks=ticks)
         await self.run_simple(script, timeout=grace_seconds + 30)
 
     async def close(self) -> None:
@@ -254,7 +361,11 @@ class SshTransport:
             "agent_path": None,
             "config": [],
         }
-        if target.key_path:
+        if target.key_error:
+            raise TransportError(target.key_error, worker=target.name)
+        if target.client_key is not None:
+            options["client_keys"] = [target.client_key]
+        elif target.key_path:
             options["client_keys"] = [target.key_path]
         if target.host_key:
             trusted = asyncssh.import_public_key(target.host_key)
@@ -284,13 +395,29 @@ class SshTransport:
         target = self.target
         expected = fingerprint(target.host_key or "")
         presented = "unknown"
-        with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
-            key = await asyncssh.get_server_host_key(
-                target.host, target.port, connect_timeout=target.connect_timeout_seconds
-            )
+        presented_key = None
+        options: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, asyncssh.KeyImportError):
+            # Ask for a key of the recorded type, which is what connect checked.
+            recorded = asyncssh.import_public_key(target.host_key or "")
+            options["server_host_key_algs"] = [
+                alg.decode() for alg in recorded.sig_algorithms
+            ]
+        # A host that no longer has a key of that type shows its preferred one.
+        for attempt_options in (options, {}):
+            key = None
+            with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
+                key = await asyncssh.get_server_host_key(
+                    target.host,
+                    target.port,
+                    connect_timeout=target.connect_timeout_seconds,
+                    **attempt_options,
+                )
             if key is not None:
                 presented = key.get_fingerprint("sha256")
-        return HostKeyChangedError(target.name, expected, presented)
+                presented_key = key.export_public_key("openssh").decode().strip()
+                break
+        return HostKeyChangedError(target.name, expected, presented, presented_key)
 
     async def _probe_listener(self) -> None:
         """Open a TCP connection and read the SSH banner, so a stopped sshd shows."""
@@ -327,7 +454,7 @@ class SshTransport:
 
 
 class SshExecution:
-    """A job running in one SSH channel."""
+    """The channel that launched or follows one job."""
 
     def __init__(
         self,
@@ -335,19 +462,23 @@ class SshExecution:
         pooled: _PooledConnection,
         process: asyncssh.SSHClientProcess[bytes],
         sink: OutputSink,
+        spec: RunSpec,
+        offsets: tuple[int, int],
     ):
         self._transport = transport
         self._pooled = pooled
         self._process = process
         self._sink = sink
-        self._pgid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._spec = spec
+        # Bytes of stdout and stderr received so far, including earlier attaches.
+        self.offsets = list(offsets)
         self._pumps = [
-            asyncio.create_task(self._pump_stdout()),
-            asyncio.create_task(self._pump_stderr()),
+            asyncio.create_task(self._pump(process.stdout, STDOUT, 0)),
+            asyncio.create_task(self._pump(process.stderr, STDERR, 1)),
         ]
 
     async def wait(self) -> ExitResult:
-        """Wait for the channel to close and translate its exit status."""
+        """Wait for the channel to close and translate the job's exit status."""
         try:
             await asyncio.gather(*self._pumps)
             await self._process.wait_closed()
@@ -355,60 +486,57 @@ class SshExecution:
             return ExitResult(error=f"connection to worker lost: {exc}")
         finally:
             self._transport._release(self._pooled)
-            if not self._pgid.done():
-                self._pgid.cancel()
-        signal_info = self._process.exit_signal
-        if signal_info is not None:
-            return ExitResult(signal=signal_name(signal_info[0]))
+        if self._process.exit_signal is not None:
+            name = signal_name(self._process.exit_signal[0])
+            return ExitResult(error=f"the job's follower ended by {name}")
         status = self._process.exit_status
         if status is None or status == -1:
             return ExitResult(error="connection to worker lost before the job ended")
-        return ExitResult(exit_code=status)
+        if status in INFRA_STATUSES:
+            return await self._confirm_status(status)
+        return status_result(status)
 
     async def kill(self, grace_seconds: float) -> None:
         """Kill the job's process group on the worker."""
+        await self._transport.kill_job(self._spec, grace_seconds)
+
+    def received(self) -> tuple[int, int]:
+        """Return the bytes of stdout and stderr received so far."""
+        return self.offsets[0], self.offsets[1]
+
+    async def _confirm_status(self, status: int) -> ExitResult:
         try:
-            pgid = await asyncio.wait_for(asyncio.shield(self._pgid), PGID_WAIT_SECONDS)
-        except (TimeoutError, asyncio.CancelledError):
-            self._process.close()
-            return
-        await self._transport.kill_group(pgid, grace_seconds)
+            recorded = await self._transport.read_status(self._spec)
+        except TransportError as exc:
+            return ExitResult(error=f"connection to worker lost: {exc}")
+        if recorded == status:
+            return status_result(status)
+        reasons = {
+            STATUS_NO_FOLDER: "could not create the run folder on the worker",
+            STATUS_NO_SUPERVISOR: "the job's supervisor did not start",
+            STATUS_NO_RC: "the job's supervisor ended without an exit status",
+        }
+        return ExitResult(error=reasons[status])
 
-    async def _pump_stdout(self) -> None:
-        reader = self._process.stdout
+    async def _pump(self, reader: Any, stream: int, index: int) -> None:
         while True:
             data = await reader.read(READ_BYTES)
             if not data:
                 return
-            await self._sink(STDOUT, data)
+            self.offsets[index] += len(data)
+            await self._sink(stream, data)
 
-    async def _pump_stderr(self) -> None:
-        reader = self._process.stderr
-        header = b""
-        while not self._pgid.done():
-            data = await reader.read(READ_BYTES)
-            if not data:
-                if header:
-                    await self._sink(STDERR, header)
-                return
-            header += data
-            # Lines before the marker come from the login shell's start-up files.
-            while not self._pgid.done():
-                line, newline, rest = header.partition(b"\n")
-                if not newline:
-                    break
-                if line.startswith(PGID_MARKER):
-                    self._pgid.set_result(int(line[len(PGID_MARKER) :]))
-                else:
-                    await self._sink(STDERR, line + newline)
-                header = rest
-        if header:
-            await self._sink(STDERR, header)
-        while True:
-            data = await reader.read(READ_BYTES)
-            if not data:
-                return
-            await self._sink(STDERR, data)
+
+def status_result(status: int) -> ExitResult:
+    """Translate a shell exit status, where 128 + N means signal N."""
+    if 128 < status < 128 + 65 and status != 255:
+        return ExitResult(signal=signal_name(status - 128))
+    return ExitResult(exit_code=status)
+
+
+def run_dir(spec: RunSpec) -> str:
+    """Return the job's run folder on the worker, as a shell word."""
+    return f"{REMOTE_RUN_DIR}/{spec.run_id}"
 
 
 def _remote_command(spec: RunSpec) -> str:

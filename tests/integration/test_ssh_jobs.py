@@ -1,6 +1,9 @@
 """Jobs on real sshd workers: output, exit codes, watchdog, kill, stdin, scripts."""
 
+import contextlib
 import hashlib
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -77,7 +80,15 @@ def test_exit_codes_and_signal(server: Server, ssh_hosts: list) -> None:
     assert job["exit_code"] is None
 
 
-def test_ssh_failure_is_not_exit_255(server: Server, ssh_hosts: list) -> None:
+def kill_detached_job(job_id: int) -> None:
+    """Stop what a lost job left running on the local test hosts, by PID."""
+    for pid_file in Path.home().glob(f".cache/jobbalancer/run/{job_id}-*/pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_ssh_failure_is_not_exit_255(server_factory: object, ssh_hosts: list) -> None:
+    server = server_factory(reattach_grace_seconds=3)  # type: ignore[operator]
     host = ssh_hosts[2]
     use_ssh_worker(server, host, "fragile")
     with server.client() as client:
@@ -85,19 +96,39 @@ def test_ssh_failure_is_not_exit_255(server: Server, ssh_hosts: list) -> None:
         time.sleep(1)
         host.pause()
         try:
+            worker = server.wait_worker(client, "fragile", "offline", timeout=10)
+            assert worker["reason"]
             job = server.wait_job(client, job_id, timeout=30)
             assert job["state"] == "lost", job
             assert job["exit_code"] is None
-            worker = server.wait_worker(client, "fragile", "offline", timeout=10)
-            assert worker["reason"]
             answer = server.submit(client, command="echo later")
             assert answer["state"] == "waiting"
         finally:
+            kill_detached_job(job_id)
             host.resume()
         server.wait_worker(client, "fragile", "online", timeout=30)
         job = server.wait_job(client, answer["id"], timeout=30)
     assert job["state"] == "succeeded"
     assert job["worker"] == "fragile"
+
+
+def test_job_survives_short_outage(server_factory: object, ssh_hosts: list) -> None:
+    server = server_factory(reattach_grace_seconds=30)  # type: ignore[operator]
+    host = ssh_hosts[1]
+    use_ssh_worker(server, host, "flaky")
+    command = "for i in $(seq 1 8); do echo line$i; echo err$i >&2; sleep 0.5; done"
+    with server.client() as client:
+        job_id = server.submit(client, command=command)["id"]
+        time.sleep(1.2)
+        host.pause()
+        time.sleep(2)
+        host.resume()
+        job = server.wait_job(client, job_id, timeout=60)
+    assert job["state"] == "succeeded", job
+    stdout = read_log(server, job_id, "stdout").decode()
+    stderr = read_log(server, job_id, "stderr").decode()
+    assert stdout == "".join(f"line{i}\n" for i in range(1, 9))
+    assert stderr == "".join(f"err{i}\n" for i in range(1, 9))
 
 
 def leftover_processes(marker: str) -> list[str]:

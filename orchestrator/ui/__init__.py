@@ -1,0 +1,39 @@
+"""HTML pages: the browser UI, served by the same app as the JSON API."""
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from orchestrator.config import Settings
+from orchestrator.ui import (
+    auth,
+    classes,
+    common,
+    dashboard,
+    job_detail,
+    jobs,
+    scripts,
+    session,
+    settings,
+    users,
+    workers,
+)
+
+
+def install(app: FastAPI, config: Settings) -> None:
+    """Add the pages, their static files and the session middleware to ``app``."""
+    app.state.login_throttle = auth.LoginThrottle()
+    # The list router comes first so /jobs/status is not read as a job id.
+    for module in (
+        auth,
+        dashboard,
+        jobs,
+        job_detail,
+        workers,
+        classes,
+        users,
+        scripts,
+        settings,
+    ):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=common.STATIC_DIR), name="static")
+    session.add_middleware(app, config)
