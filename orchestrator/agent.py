@@ -308,6 +308,11 @@ class Job:
 
     def start(self) -> None:
         """Start the process in a new session and the threads that read it."""
+        if self.kill_received:
+            logger.info("Not starting job %d: it was killed before it started", self.id)
+            self.error = "killed before the agent started it"
+            self._record_exit(None, None)
+            return
         self.phase = STARTED
         self.save()
         try:
@@ -716,7 +721,11 @@ class Agent:
     def _poll(self) -> dict[str, Any]:
         with self._lock:
             held = [
-                {"id": job.id, "delivery": job.delivery}
+                {
+                    "id": job.id,
+                    "delivery": job.delivery,
+                    "started": job.phase != ACCEPTING,
+                }
                 for job in self.jobs.values()
                 if not job.dropped
             ]

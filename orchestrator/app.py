@@ -8,10 +8,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import db, keys, stored_settings, ui, workers
+from orchestrator.api import agent as agent_api
 from orchestrator.api import inventory as inventory_api
 from orchestrator.api import keys as keys_api
 from orchestrator.api import submit, v1
@@ -56,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(keys_api.router)
     app.include_router(inventory_api.router)
+    app.include_router(agent_api.router)
     ui.install(app, settings)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -110,6 +113,20 @@ def _add_error_handlers(app: FastAPI) -> None:
             error_body("invalid_input", detail, field)
             | {"errors": _plain_errors(errors)},
             status_code=422,
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("Database unavailable for %s: %s", request.url.path, exc)
+        return JSONResponse(
+            error_body(
+                "database_unavailable",
+                "the database is not reachable right now; nothing was changed, "
+                "so send the request again in a few seconds",
+            ),
+            status_code=503,
+            headers={"Retry-After": "2"},
         )
 
     @app.exception_handler(StarletteHTTPException)

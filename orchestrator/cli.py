@@ -128,6 +128,11 @@ def _add_worker_commands(sub: Any) -> None:
         "--fingerprint", help="SHA256 fingerprint the pending key must have"
     )
     accept.set_defaults(handler=cmd_worker_accept_host_key)
+    token = worker.add_parser(
+        "token", help="issue a new token for an agent worker and print it once"
+    )
+    token.add_argument("name")
+    token.set_defaults(handler=cmd_worker_token)
 
 
 def _add_script_commands(sub: Any) -> None:
@@ -256,6 +261,9 @@ def cmd_worker_add(args: argparse.Namespace) -> None:
     engine = _engine(args)
     key_path = str(Path(args.key).expanduser().resolve()) if args.key else None
     key_id = keys.get_key(engine, args.key_name).id if args.key_name else None
+    token, token_hash = None, None
+    if args.transport == "agent":
+        token, token_hash = security.generate_agent_token()
     record = workers.add_worker(
         engine,
         args.name,
@@ -268,8 +276,29 @@ def cmd_worker_add(args: argparse.Namespace) -> None:
         max_jobs=args.max_jobs,
         max_sessions=args.max_sessions,
         key_id=key_id,
+        token_hash=token_hash,
     )
     print(f"Added worker {record.name} (id {record.id}) in class {record.class_name}.")
+    if token is not None:
+        _print_agent_token(token)
+
+
+def cmd_worker_token(args: argparse.Namespace) -> None:
+    """Replace an agent worker's token; the old one stops working."""
+    engine = _engine(args)
+    token, token_hash = security.generate_agent_token()
+    workers.set_token_hash(engine, args.name, token_hash)
+    print(
+        f"Issued a new token for worker {args.name}; the server rejects the old "
+        "one within 30 s."
+    )
+    _print_agent_token(token)
+
+
+def _print_agent_token(token: str) -> None:
+    print("Start the agent with: jobbalancer-agent --server URL --token-file FILE")
+    print("Agent token (shown once):")
+    print(token)
 
 
 def cmd_worker_list(args: argparse.Namespace) -> None:

@@ -1,18 +1,23 @@
 """Create database engines and bring the schema up to date with Alembic."""
 
+import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30000
+
+T = TypeVar("T")
 
 
 def create_db_engine(url: str) -> Engine:
@@ -61,3 +66,35 @@ def upgrade_schema(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+RETRY_FIRST_PAUSE_SECONDS = 0.2
+RETRY_MAX_PAUSE_SECONDS = 5.0
+RETRY_GIVE_UP_SECONDS = 900.0
+
+
+async def retrying(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking database call in a thread, retrying while the server is away.
+
+    Connection errors (a restarted MariaDB, a locked SQLite file) are retried with
+    backoff for up to RETRY_GIVE_UP_SECONDS, so job state and output written by
+    the dispatcher wait for the database instead of being lost.
+    """
+    pause = RETRY_FIRST_PAUSE_SECONDS
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RETRY_GIVE_UP_SECONDS
+    while True:
+        try:
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            if loop.time() > deadline:
+                raise
+            logger.warning(
+                "Database call %s failed, retrying in %.1f s: %s",
+                getattr(function, "__name__", "call"),
+                pause,
+                exc.orig if exc.orig is not None else exc,
+                extra={"event": "db_retry"},
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_PAUSE_SECONDS)

@@ -13,10 +13,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from orchestrator import jobs, keys, outputs, scripts, workers
+from orchestrator import db, jobs, keys, outputs, scripts, workers
 from orchestrator.config import Settings
 from orchestrator.jobs import JobSpec
 from orchestrator.timeutil import as_utc, utcnow
+from orchestrator.transports.agent import AgentHub
 from orchestrator.transports.base import (
     STDERR,
     Execution,
@@ -101,6 +102,7 @@ class Dispatcher:
         self._script_dir = settings.data_path() / "scripts"
         self.strategy = settings.strategy
         self.on_job_finished: list[Callable[[int, str], None]] = []
+        self.agents = AgentHub(engine, settings, self._agent_polled)
 
     async def start(self) -> None:
         """Load workers and unfinished jobs, then start the background loops."""
@@ -139,11 +141,11 @@ class Dispatcher:
                 finished_at=utcnow(),
                 reason="no free worker slot and need_realtime was set",
             )
-            spec.id = await asyncio.to_thread(jobs.insert_job, self.engine, values)
+            spec.id = await db.retrying(jobs.insert_job, self.engine, values)
             return jobs.OCCUPIED
         if worker is None:
             values.update(state=jobs.WAITING)
-            spec.id = await asyncio.to_thread(jobs.insert_job, self.engine, values)
+            spec.id = await db.retrying(jobs.insert_job, self.engine, values)
             self.queues.setdefault(spec.class_id, deque()).append(spec)
             # A slot may have freed while the row was being written.
             self._pump(spec.class_id)
@@ -153,7 +155,7 @@ class Dispatcher:
             values.update(
                 state=jobs.RUNNING, worker_id=worker.record.id, started_at=utcnow()
             )
-            spec.id = await asyncio.to_thread(jobs.insert_job, self.engine, values)
+            spec.id = await db.retrying(jobs.insert_job, self.engine, values)
         finally:
             worker.reserved -= 1
         self._launch(spec, worker, marked=True)
@@ -212,7 +214,7 @@ class Dispatcher:
         requeued = False
         try:
             if not marked:
-                await asyncio.to_thread(
+                await db.retrying(
                     jobs.mark_running,
                     self.engine,
                     spec.id,
@@ -236,11 +238,15 @@ class Dispatcher:
         """Run one job to its end; return True when it went back to the queue."""
         spec, worker = job.spec, job.worker
         run_spec = await self._build_run_spec(spec)
-        writer = outputs.OutputWriter(self.engine, spec.id, self.settings.max_log_bytes)
+        writer = outputs.OutputWriter(
+            self.engine, spec.id, self.settings.max_log_bytes, spec.attempt
+        )
         job.writer = writer
         offsets = (0, 0)
-        if spec.resume_offsets is not None:
-            offsets = await writer.resume()
+        if spec.resume_offsets is not None or spec.attempt > 1:
+            stored = await writer.resume()
+            if spec.resume_offsets is not None:
+                offsets = stored
         if spec.started_monotonic is None:
             spec.started_monotonic = asyncio.get_running_loop().time()
         result = await self._follow(job, run_spec, offsets)
@@ -341,7 +347,7 @@ class Dispatcher:
             extra={"event": "job_requeued", "job": spec.id},
         )
         await self._set_offline(worker, str(exc))
-        await asyncio.to_thread(jobs.mark_waiting, self.engine, spec.id, str(exc))
+        await db.retrying(jobs.mark_waiting, self.engine, spec.id, str(exc))
         spec.started_monotonic = None
         self.queues.setdefault(spec.class_id, deque()).appendleft(spec)
         return None
@@ -365,7 +371,7 @@ class Dispatcher:
                 STDERR, RETRY_MARKER % (spec.attempt, reason.encode(errors="replace"))
             )
             await job.writer.close()
-        await asyncio.to_thread(
+        await db.retrying(
             jobs.mark_retry, self.engine, spec, f"attempt {spec.attempt - 1}: {reason}"
         )
         logger.warning(
@@ -414,9 +420,7 @@ class Dispatcher:
     async def _build_run_spec(self, spec: JobSpec) -> RunSpec:
         if spec.script_id is None:
             return RunSpec.for_command(spec.id, spec.command or "", spec.run_id)
-        script = await asyncio.to_thread(
-            scripts.get_script, self.engine, spec.script_id
-        )
+        script = await db.retrying(scripts.get_script, self.engine, spec.script_id)
         body = ScriptBody(script.body.encode(), script.interpreter)
         return RunSpec(
             spec.id, script=body, params=list(spec.params), run_id=spec.run_id
@@ -433,7 +437,7 @@ class Dispatcher:
     ) -> None:
         writer = job.writer
         truncated = writer.truncated if writer else False
-        await asyncio.to_thread(
+        await db.retrying(
             jobs.finish_job,
             self.engine,
             job.spec.id,
@@ -463,7 +467,7 @@ class Dispatcher:
             for spec in queue:
                 if spec.id == job_id:
                     queue.remove(spec)
-                    await asyncio.to_thread(
+                    await db.retrying(
                         jobs.finish_job,
                         self.engine,
                         job_id,
@@ -487,7 +491,7 @@ class Dispatcher:
 
     async def wait_for_end(self, job_id: int, timeout: float | None) -> None:
         """Wait until a job reaches a final state or the timeout passes."""
-        row = await asyncio.to_thread(jobs.get_job_row, self.engine, job_id)
+        row = await db.retrying(jobs.get_job_row, self.engine, job_id)
         if row.state in jobs.FINAL_STATES:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -521,7 +525,7 @@ class Dispatcher:
 
     async def refresh_workers(self) -> None:
         """Bring the in-memory inventory in line with the workers table."""
-        records = await asyncio.to_thread(workers.list_workers, self.engine)
+        records = await db.retrying(workers.list_workers, self.engine)
         seen = set()
         for record in records:
             seen.add(record.id)
@@ -583,11 +587,11 @@ class Dispatcher:
             )
 
             async def save_host_key(key: str) -> None:
-                await asyncio.to_thread(
-                    workers.record_host_key, self.engine, record.id, key
-                )
+                await db.retrying(workers.record_host_key, self.engine, record.id, key)
 
             return SshTransport(target, save_host_key)
+        if record.transport == "agent":
+            return self.agents.transport_for(record)
         raise ValueError(f"transport {record.transport!r} is not supported")
 
     def _load_client_key(self, record: workers.WorkerRecord) -> tuple[Any, str | None]:
@@ -611,6 +615,12 @@ class Dispatcher:
             )
             return None, f"cannot use the stored SSH key: {exc}"
 
+    def _agent_polled(self, worker_id: int) -> None:
+        """Check an agent worker at once when its agent polls while it is offline."""
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.state != "online" and worker.record.enabled:
+            self._spawn(self._check(worker))
+
     async def _check(self, worker: WorkerRuntime) -> None:
         if worker.checking or worker.record.transport == "local":
             return
@@ -625,7 +635,7 @@ class Dispatcher:
             if isinstance(exc, HostKeyChangedError):
                 reason = str(exc)
                 if exc.presented_key:
-                    await asyncio.to_thread(
+                    await db.retrying(
                         keys.record_pending_host_key,
                         self.engine,
                         worker.record.id,
@@ -640,7 +650,7 @@ class Dispatcher:
     async def _set_online(self, worker: WorkerRuntime) -> None:
         was = worker.state
         worker.state, worker.reason = "online", None
-        await asyncio.to_thread(
+        await db.retrying(
             workers.record_state, self.engine, worker.record.id, "online", None, True
         )
         if was != "online":
@@ -654,7 +664,7 @@ class Dispatcher:
     async def _set_offline(self, worker: WorkerRuntime, reason: str) -> None:
         was = worker.state
         worker.state, worker.reason = "offline", reason
-        await asyncio.to_thread(
+        await db.retrying(
             workers.record_state,
             self.engine,
             worker.record.id,
@@ -689,16 +699,20 @@ class Dispatcher:
                 logger.exception("Reloading the worker inventory failed")
 
     async def _recover_jobs(self) -> None:
-        """Queue waiting jobs again and attach to jobs that ran on SSH workers."""
-        rows = await asyncio.to_thread(jobs.load_unfinished, self.engine)
+        """Queue waiting jobs again and attach to jobs on SSH and agent workers."""
+        rows = await db.retrying(jobs.load_unfinished, self.engine)
         for row in rows:
             spec = jobs.spec_from_row(row)
             if row.state == jobs.WAITING:
                 self.queues.setdefault(row.class_id, deque()).append(spec)
                 continue
             worker = self.workers.get(row.worker_id)
-            if worker is None or worker.record.transport != "ssh" or not row.run_token:
-                await asyncio.to_thread(
+            if (
+                worker is None
+                or worker.record.transport not in ("ssh", "agent")
+                or not row.run_token
+            ):
+                await db.retrying(
                     jobs.finish_job,
                     self.engine,
                     row.id,

@@ -99,6 +99,20 @@ def insert_job(engine: Engine, values: dict[str, Any]) -> int:
         return int(result.inserted_primary_key[0])
 
 
+def find_by_idempotency_key(
+    engine: Engine, user_id: int, key: str
+) -> tuple[int, str] | None:
+    """Return (id, state) of the user's job created with this key, if any."""
+    j = models.jobs
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(j.c.id, j.c.state).where(
+                j.c.user_id == user_id, j.c.idempotency_key == key
+            )
+        ).first()
+    return None if row is None else (int(row.id), str(row.state))
+
+
 def mark_running(
     engine: Engine, job_id: int, worker_id: int, run_token: str | None = None
 ) -> None:

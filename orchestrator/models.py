@@ -195,6 +195,8 @@ job_output = Table(
     Column("stream", SmallInteger, nullable=False),
     Column("offset", BigInteger, nullable=False),
     Column("data", Blob, nullable=False),
+    # The job attempt that produced the chunk; retries append to the same log.
+    Column("attempt", SmallInteger, nullable=False, default=1, server_default="1"),
     Index("ix_job_output_job_seq", "job_id", "seq", unique=True),
 )
 

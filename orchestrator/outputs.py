@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
 
-from orchestrator import models
+from orchestrator import db, models
 from orchestrator.transports.base import STDERR
 
 logger = logging.getLogger(__name__)
@@ -25,9 +25,10 @@ class OutputWriter:
     pending, which in turn stops reading from the worker.
     """
 
-    def __init__(self, engine: Engine, job_id: int, max_bytes: int):
+    def __init__(self, engine: Engine, job_id: int, max_bytes: int, attempt: int = 1):
         self._engine = engine
         self._job_id = job_id
+        self._attempt = attempt
         self._max_bytes = max_bytes
         self._pending: list[tuple[int, bytearray]] = []
         self._pending_bytes = 0
@@ -41,11 +42,16 @@ class OutputWriter:
         self.listeners: list[asyncio.Queue[tuple[int, bytes] | None]] = []
 
     async def resume(self) -> tuple[int, int]:
-        """Continue after the output already stored; return its per-stream sizes."""
-        seq, sizes = await asyncio.to_thread(_stored_state, self._engine, self._job_id)
+        """Continue after the output already stored.
+
+        Returns the stdout and stderr bytes that the current attempt stored.
+        """
+        seq, offset, sizes = await db.retrying(
+            _stored_state, self._engine, self._job_id, self._attempt
+        )
         self._seq = seq
-        self._offset = sizes[0] + sizes[1]
-        self.total_bytes = self._offset
+        self._offset = offset
+        self.total_bytes = offset
         return sizes
 
     async def write(self, stream: int, data: bytes) -> None:
@@ -85,13 +91,14 @@ class OutputWriter:
                         "stream": stream,
                         "offset": self._offset,
                         "data": bytes(data),
+                        "attempt": self._attempt,
                     }
                 )
                 self._seq += 1
                 self._offset += len(data)
             self._pending = []
             self._pending_bytes = 0
-            await asyncio.to_thread(_insert_chunks, self._engine, rows)
+            await db.retrying(_insert_chunks, self._engine, rows)
 
     async def close(self) -> None:
         """Flush what is left and wake the listeners."""
@@ -127,19 +134,24 @@ class OutputWriter:
             logger.exception("Writing output of job %d failed", self._job_id)
 
 
-def _stored_state(engine: Engine, job_id: int) -> tuple[int, tuple[int, int]]:
+def _stored_state(
+    engine: Engine, job_id: int, attempt: int
+) -> tuple[int, int, tuple[int, int]]:
     o = models.job_output
     with engine.connect() as conn:
-        next_seq = conn.execute(
-            select(func.coalesce(func.max(o.c.seq) + 1, 0)).where(o.c.job_id == job_id)
-        ).scalar_one()
+        next_seq, total = conn.execute(
+            select(
+                func.coalesce(func.max(o.c.seq) + 1, 0),
+                func.coalesce(func.sum(func.length(o.c.data)), 0),
+            ).where(o.c.job_id == job_id)
+        ).one()
         rows = conn.execute(
             select(o.c.stream, func.sum(func.length(o.c.data)))
-            .where(o.c.job_id == job_id)
+            .where(o.c.job_id == job_id, o.c.attempt == attempt)
             .group_by(o.c.stream)
         ).all()
     sizes = {int(stream): int(size or 0) for stream, size in rows}
-    return int(next_seq), (sizes.get(1, 0), sizes.get(2, 0))
+    return int(next_seq), int(total), (sizes.get(1, 0), sizes.get(2, 0))
 
 
 def _insert_chunks(engine: Engine, rows: list[dict[str, Any]]) -> None:

@@ -20,6 +20,9 @@ class Script:
     name: str
     interpreter: str
     body: str
+    retries: int = 0
+    retry_delay: float = 0.0
+    retry_on: str = "infra"
 
     def public(self, with_body: bool = True) -> dict[str, Any]:
         """Build the JSON form of the script."""
@@ -64,7 +67,15 @@ def get_script(engine: Engine, script_id: int) -> Script:
         ).first()
     if row is None:
         raise NotFoundError(f"script {script_id} not found")
-    return Script(row.id, row.name, row.interpreter, row.body)
+    return Script(
+        row.id,
+        row.name,
+        row.interpreter,
+        row.body,
+        retries=row.retries,
+        retry_delay=row.retry_delay,
+        retry_on=row.retry_on,
+    )
 
 
 def list_scripts(engine: Engine) -> list[dict[str, Any]]:

@@ -40,6 +40,9 @@ class HeldJob(BaseModel):
 
     id: int
     delivery: str = Field(max_length=64)
+    started: bool = Field(
+        default=True, description="False while the agent waits for its acceptance"
+    )
 
 
 class PollRequest(BaseModel):
@@ -110,7 +113,7 @@ async def poll(body: PollRequest, agent: AgentDep) -> dict[str, Any]:
     there is something new for the agent.
     """
     agent.heartbeat(body.instance, body.hostname)
-    held = {job.id: job.delivery for job in body.jobs}
+    held = {job.id: (job.delivery, job.started) for job in body.jobs}
     drops = await agent.reconcile(held, set(body.killed), body.instance, body.seq)
     if not drops:
         await agent.wait_for_news(agent.hold_seconds(body.wait))

@@ -1,11 +1,12 @@
 """Request bodies of the JSON API."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_COMMAND_BYTES = 2 << 20
 MAX_PARAMS = 250_000
+MAX_RETRIES = 20
 
 
 class JobCreate(BaseModel):
@@ -55,6 +56,27 @@ class JobCreate(BaseModel):
     )
     waitTimeout: float | None = Field(
         default=None, gt=0, description="Seconds to wait at most when wait is true"
+    )
+    retries: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RETRIES,
+        description="Further attempts after a failed one (a script's default "
+        "applies when absent)",
+    )
+    retry_delay: float | None = Field(
+        default=None, ge=0, le=86400, description="Seconds before the next attempt"
+    )
+    retry_on: Literal["infra", "any"] | None = Field(
+        default=None,
+        description="'infra' retries jobs that were lost or could not start; "
+        "'any' also retries non-zero exits",
+    )
+    idempotencyKey: str | None = Field(
+        default=None,
+        max_length=128,
+        description="A client token; repeating it returns the job already "
+        "created instead of a new one (the Idempotency-Key header also works)",
     )
 
     @field_validator("command")

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator import jobs, outputs, scripts, workers
 from orchestrator.accounts import User
@@ -19,6 +20,7 @@ from orchestrator.dispatch import Dispatcher
 from orchestrator.exceptions import (
     InvalidInputError,
     InvalidJsonError,
+    NotFoundError,
     PermissionDeniedError,
 )
 from orchestrator.jobs import JobSpec
@@ -59,10 +61,19 @@ async def add_job(
     payload = await _parse_payload(request)
     key = payload.apiKey or deps.bearer_key(request)
     user = await deps.authenticate_key(request, key, payload.userName)
-    job_id, state = await submit_job(engine, dispatcher, user, payload)
+    idempotency_key = request.headers.get("idempotency-key") or payload.idempotencyKey
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 128:
+        raise InvalidInputError(
+            "Idempotency-Key must be 1 to 128 characters", field="idempotencyKey"
+        )
+    job_id, state = await submit_job(
+        engine, dispatcher, user, payload, idempotency_key=idempotency_key
+    )
     answer: dict[str, Any] = {
         "result": state != jobs.OCCUPIED,
-        "message": MESSAGES[state].format(id=job_id),
+        "message": MESSAGES.get(state, "Job {id} is {state}").format(
+            id=job_id, state=state
+        ),
         "id": job_id,
         "state": state,
         "url": f"/api/v1/jobs/{job_id}",
@@ -101,8 +112,53 @@ async def submit_job(
     user: User,
     payload: JobCreate,
     restarted_from: int | None = None,
+    idempotency_key: str | None = None,
 ) -> tuple[int, str]:
-    """Validate a submission against the caller's rights and hand it over."""
+    """Validate a submission against the caller's rights and hand it over.
+
+    A repeated idempotency key returns the job that the first request created.
+    """
+    if idempotency_key:
+        existing = await asyncio.to_thread(
+            jobs.find_by_idempotency_key, engine, user.id, idempotency_key
+        )
+        if existing is not None:
+            return existing
+    script = await _check_request(engine, user, payload)
+    class_id, class_name = await asyncio.to_thread(
+        workers.resolve_class, engine, payload.workerClassId
+    )
+    if user.allowed_classes is not None and class_name not in user.allowed_classes:
+        raise PermissionDeniedError(
+            f"user {user.name!r} may not use worker class {class_name!r}",
+            field="workerClassId",
+        )
+    spec, values = _build_job(payload, user, class_id, script)
+    values["restarted_from"] = restarted_from
+    values["idempotency_key"] = idempotency_key or None
+    try:
+        state = await dispatcher.submit(spec, values, payload.need_realtime)
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the insert.
+        found = await asyncio.to_thread(
+            jobs.find_by_idempotency_key, engine, user.id, idempotency_key or ""
+        )
+        if found is None:
+            raise
+        return found
+    logger.info(
+        "Job %d submitted by %s: %s",
+        spec.id,
+        user.name,
+        state,
+        extra={"event": "job_submitted", "job": spec.id, "user": user.name},
+    )
+    return spec.id, state
+
+
+async def _check_request(
+    engine: Engine, user: User, payload: JobCreate
+) -> scripts.Script | None:
     if (payload.command is None) == (payload.scriptId is None):
         raise InvalidInputError(
             "send either command (a shell command line) or scriptId "
@@ -116,18 +172,24 @@ async def submit_job(
             f"user {user.name!r} may run stored scripts only: send scriptId",
             field="command",
         )
-    if payload.scriptId is not None:
-        await asyncio.to_thread(_check_script, engine, payload.scriptId)
-    class_id, class_name = await asyncio.to_thread(
-        workers.resolve_class, engine, payload.workerClassId
-    )
-    if user.allowed_classes is not None and class_name not in user.allowed_classes:
-        raise PermissionDeniedError(
-            f"user {user.name!r} may not use worker class {class_name!r}",
-            field="workerClassId",
-        )
+    if payload.scriptId is None:
+        return None
+    return await asyncio.to_thread(_check_script, engine, payload.scriptId)
+
+
+def _build_job(
+    payload: JobCreate, user: User, class_id: int, script: scripts.Script | None
+) -> tuple[JobSpec, dict[str, Any]]:
     params = payload.param_list()
     watchdog = payload.watchdog or None
+    retries = payload.retries
+    retry_delay = payload.retry_delay
+    retry_on = payload.retry_on
+    if script is not None:
+        # A script's retry settings apply unless the request sets its own.
+        retries = script.retries if retries is None else retries
+        retry_delay = script.retry_delay if retry_delay is None else retry_delay
+        retry_on = script.retry_on if retry_on is None else retry_on
     spec = JobSpec(
         id=0,
         class_id=class_id,
@@ -136,6 +198,9 @@ async def submit_job(
         params=params,
         watchdog=watchdog,
         user_id=user.id,
+        retries=retries or 0,
+        retry_delay=retry_delay or 0.0,
+        retry_on=retry_on or "infra",
     )
     values: dict[str, Any] = {
         "command": payload.command,
@@ -149,23 +214,18 @@ async def submit_job(
         "attempt": 1,
         "log_bytes": 0,
         "log_truncated": False,
-        "restarted_from": restarted_from,
+        "run_token": spec.run_token,
+        "retries": spec.retries,
+        "retry_delay": spec.retry_delay,
+        "retry_on": spec.retry_on,
     }
-    state = await dispatcher.submit(spec, values, payload.need_realtime)
-    logger.info(
-        "Job %d submitted by %s: %s",
-        spec.id,
-        user.name,
-        state,
-        extra={"event": "job_submitted", "job": spec.id, "user": user.name},
-    )
-    return spec.id, state
+    return spec, values
 
 
-def _check_script(engine: Engine, script_id: int) -> None:
+def _check_script(engine: Engine, script_id: int) -> scripts.Script:
     try:
-        scripts.get_script(engine, script_id)
-    except Exception as exc:
+        return scripts.get_script(engine, script_id)
+    except NotFoundError as exc:
         raise InvalidInputError(
             f"unknown scriptId {script_id}: list stored scripts with "
             "GET /api/v1/scripts",

@@ -44,6 +44,8 @@ POLL_HOLD_FRACTION = 1 / 3
 
 OFFERED = "offered"
 ACCEPTED = "accepted"
+# Killed while offered: the agent's next poll tells whether it holds the job.
+WITHDRAWN = "withdrawn"
 
 Flush = Callable[[], Awaitable[None]]
 
@@ -229,17 +231,18 @@ class AgentTransport:
         self.hub.on_heartbeat(self.worker_id)
 
     def request_kill(self, execution: AgentExecution, grace_seconds: float) -> None:
-        """Queue a kill request, or withdraw the offer of a job not yet accepted."""
+        """Queue a kill request, and withdraw the offer of a job not yet accepted.
+
+        An offered job may already run on the agent (its acceptance got lost,
+        or the server restarted), so the next poll settles it: see reconcile.
+        """
         if execution.done:
-            return
-        if execution.state == OFFERED:
-            execution.resolve(
-                ExitResult(started=False, error="killed before the agent started it")
-            )
             return
         if execution.kill_grace is None:
             execution.kill_grace = grace_seconds
-            self._wakeup.set()
+        if execution.state == OFFERED:
+            execution.state = WITHDRAWN
+        self._wakeup.set()
 
     def accept(self, job_id: int, delivery: str, instance: str, seq: int) -> bool:
         """Confirm that the agent may start a job; False means it must not."""
@@ -254,43 +257,52 @@ class AgentTransport:
         return True
 
     async def reconcile(
-        self, held: dict[int, str], killed: set[int], instance: str, seq: int
+        self,
+        held: dict[int, tuple[str, bool]],
+        killed: set[int],
+        instance: str,
+        seq: int,
     ) -> list[int]:
         """Compare the agent's jobs with ours; return the ids it must drop.
 
-        ``held`` maps the job ids that the agent runs or still reports on to
-        their run ids. An offered job that the agent holds is its own already
-        (it ran before a server restart, or its acceptance got lost). An
-        accepted job that it no longer holds has been lost on its side. A job
-        that it holds and we do not track has ended here, so the agent kills
-        it and drops its output.
+        ``held`` maps the ids of the jobs that the agent runs or still reports
+        on to their run id and whether it has started them. An offered job
+        that the agent holds is its own already (it ran before a server
+        restart, or its acceptance got lost). An accepted job that it no longer
+        holds has been lost on its side. A job that it holds and we do not
+        track has ended here, so the agent kills it and drops its output.
         """
         if instance == self.instance and seq <= self.last_seq:
             return []
         self.last_seq = seq
+        drops = []
         for execution in list(self.executions.values()):
             if execution.job_id in killed:
                 execution.kill_acknowledged = True
-            if held.get(execution.job_id) == execution.delivery:
-                if execution.state == OFFERED:
+            delivery, started = held.get(execution.job_id, ("", False))
+            if delivery == execution.delivery:
+                if execution.state == WITHDRAWN and not started:
+                    drops.append(execution.job_id)
+                    execution.resolve(_never_started())
+                elif execution.state != ACCEPTED:
                     execution.state = ACCEPTED
                     execution.accepted_by = (instance, seq)
-                continue
-            if _should_hold(execution, instance, seq):
+            elif execution.state == WITHDRAWN:
+                execution.resolve(_never_started())
+            elif _should_hold(execution, instance, seq):
                 execution.resolve(
                     ExitResult(error="the agent no longer has the job (it restarted)")
                 )
-        stale = []
         unknown = []
-        for job_id, delivery in held.items():
+        for job_id, (delivery, _) in held.items():
             execution = self.executions.get(job_id)
-            if execution is None:
+            if execution is None and job_id not in drops:
                 unknown.append(job_id)
-            elif execution.delivery != delivery:
-                stale.append(job_id)
-        if not unknown:
-            return stale
-        return stale + await asyncio.to_thread(self._ended_jobs, unknown)
+            elif execution is not None and execution.delivery != delivery:
+                drops.append(job_id)
+        if unknown:
+            drops += await asyncio.to_thread(self._ended_jobs, unknown)
+        return drops
 
     async def wait_for_news(self, hold_seconds: float) -> None:
         """Return when there is something new for the agent or the hold ends."""
@@ -327,7 +339,8 @@ class AgentTransport:
 
     def _has_news(self) -> bool:
         return any(
-            e.state == OFFERED or (e.kill_grace is not None and not e.kill_acknowledged)
+            e.state in (OFFERED, WITHDRAWN)
+            or (e.kill_grace is not None and not e.kill_acknowledged)
             for e in self.executions.values()
         )
 
@@ -372,6 +385,10 @@ class AgentTransport:
             if row.state != jobs.RUNNING or row.worker_id != self.worker_id:
                 ended.append(job_id)
         return ended
+
+
+def _never_started() -> ExitResult:
+    return ExitResult(started=False, error="killed before the agent started it")
 
 
 def _should_hold(execution: AgentExecution, instance: str, seq: int) -> bool:

@@ -42,11 +42,11 @@ INFRA_STATUSES = (STATUS_NO_FOLDER, STATUS_NO_SUPERVISOR, STATUS_NO_RC)
 # A job runs detached from the SSH channel, so it survives a dropped connection
 # or a restarted server. A supervisor, orphaned at once into its own session,
 # starts the job in a further session (so the job's PID is its process group
-# id), waits for it and its whole group, and writes the exit status to "rc". Output goes to the files
-# "out" and "err" in the run folder; the "started" marker makes a second run of
-# this script attach to the job instead of starting it again. The channel then
-# follows both files from the given byte offsets until the supervisor exits, and
-# exits with the job's status.
+# id), waits for it and its whole group, and writes the exit status to "rc".
+# Output goes to the files "out" and "err" in the run folder. The "started"
+# marker makes a second run of this script attach to the job instead of
+# starting it again. The channel follows both files from the given byte offsets
+# until the supervisor exits, and then exits with the job's status.
 RUN_SCRIPT = """d={run_dir}
 if [ ! -e "$d/started" ]; then
   mkdir -p "$d" && : > "$d/out" && : > "$d/err" && : > "$d/started" || exit 252
@@ -407,11 +407,12 @@ class SshTransport:
         for attempt_options in (options, {}):
             key = None
             with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
-                key = await asyncssh.get_server_host_key(
-                    target.host,
-                    target.port,
-                    connect_timeout=target.connect_timeout_seconds,
-                    **attempt_options,
+                # get_server_host_key takes no connect_timeout (asyncssh 2.24).
+                key = await asyncio.wait_for(
+                    asyncssh.get_server_host_key(
+                        target.host, target.port, config=[], **attempt_options
+                    ),
+                    target.connect_timeout_seconds,
                 )
             if key is not None:
                 presented = key.get_fingerprint("sha256")

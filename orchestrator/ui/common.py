@@ -19,7 +19,7 @@ import web
 from orchestrator import jobs
 from orchestrator.accounts import User
 from orchestrator.exceptions import JobBalancerError
-from orchestrator.timeutil import as_utc, utcnow
+from orchestrator.timeutil import as_utc, isoformat, utcnow
 from orchestrator.ui import session
 
 logger = logging.getLogger(__name__)
@@ -186,9 +186,11 @@ def _environment() -> jinja2.Environment:
         )
         env.filters.update(
             utc=format_utc,
+            iso=isoformat,
             ago=format_ago,
             duration=format_duration,
             size=format_size,
+            job_duration=lambda row: format_duration(job_seconds(row)),
         )
         env.globals.update(
             static=static_url, state_label=state_label, FINAL_STATES=jobs.FINAL_STATES

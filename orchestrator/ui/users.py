@@ -237,7 +237,9 @@ async def _create_key(
     await forms.record(request, user, "api_key.create", f"user {target.name}", prefix)
     # The key is rendered into this response only; it is never stored in clear.
     context = {"title": "API key created", "target": target, "key": key, "label": label}
-    return common.render(request, "key_created.html", context)
+    response = common.render(request, "key_created.html", context)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @router.post("/users/{user_id}/keys/{key_id}/revoke")
