@@ -7,6 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_COMMAND_BYTES = 2 << 20
 MAX_PARAMS = 250_000
 MAX_RETRIES = 20
+# Linux refuses an execve whose arguments (strings plus one pointer each) pass
+# ARG_MAX, which is 2 MiB with the default 8 MiB stack; this leaves room for
+# the environment.
+MAX_ARGV_BYTES = 1 << 20
 
 
 class JobCreate(BaseModel):
@@ -96,11 +100,19 @@ class JobCreate(BaseModel):
         items = list(value.values()) if isinstance(value, dict) else value
         if len(items) > MAX_PARAMS:
             raise ValueError(f"must have at most {MAX_PARAMS} entries")
+        argv_bytes = 0
         for index, item in enumerate(items):
             if isinstance(item, (list, dict)):
                 raise ValueError(
                     f"entry {index} is a {type(item).__name__}: use strings or numbers"
                 )
+            argv_bytes += len(str(item).encode()) + 1 + 8
+        if argv_bytes > MAX_ARGV_BYTES:
+            raise ValueError(
+                f"the arguments take about {argv_bytes} bytes, more than the "
+                f"{MAX_ARGV_BYTES} that a worker's execve accepts (ARG_MAX): pass "
+                "the data in a file or through fewer, shorter params"
+            )
         return value
 
     def param_list(self) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 import asyncssh
 
 from orchestrator.transports.base import (
+    INLINE_COMMAND_MAX_BYTES,
     STDERR,
     STDOUT,
     ExitResult,
@@ -173,9 +174,16 @@ class SshTransport:
         """
         if spec.script is not None:
             await self._ensure_script(spec.script)
+        remote = _remote_command(spec)
+        if len(remote.encode()) > INLINE_COMMAND_MAX_BYTES:
+            # sshd hands the command to the login shell as one argv string,
+            # which Linux caps at 128 KiB, so a long one travels as a file.
+            wrapper = ScriptBody(remote.encode(), "/bin/sh")
+            await self._ensure_script(wrapper)
+            remote = f"exec /bin/sh {REMOTE_SCRIPT_DIR}/{wrapper.digest}"
         command = RUN_SCRIPT.format(
             run_dir=run_dir(spec),
-            command=shlex.quote(_remote_command(spec)),
+            command=shlex.quote(remote),
             out_start=offsets[0] + 1,
             err_start=offsets[1] + 1,
             poll=FOLLOW_POLL_SECONDS,
