@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,6 +17,7 @@ from orchestrator.api import agent as agent_api
 from orchestrator.api import inventory as inventory_api
 from orchestrator.api import keys as keys_api
 from orchestrator.api import submit, v1
+from orchestrator.api.schemas import ERROR_RESPONSES
 from orchestrator.config import Settings
 from orchestrator.dispatch import Dispatcher
 from orchestrator.exceptions import JobBalancerError
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         summary="Run shell jobs submitted over HTTP on SSH workers",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.key_cache = {}
@@ -127,6 +129,30 @@ def _add_error_handlers(app: FastAPI) -> None:
             ),
             status_code=503,
             headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(DataError)
+    @app.exception_handler(StatementError)
+    async def out_of_range(request: Request, exc: Exception) -> JSONResponse:
+        cause = getattr(exc, "orig", exc)
+        if not isinstance(exc, (OverflowError, DataError)) and not isinstance(
+            cause, OverflowError
+        ):
+            logger.error(
+                "Database statement failed for %s", request.url.path, exc_info=exc
+            )
+            return JSONResponse(
+                error_body("internal_error", "the request could not be stored"),
+                status_code=500,
+            )
+        return JSONResponse(
+            error_body(
+                "invalid_input",
+                "a number in the request is out of range: ids, offsets and "
+                "limits must be below 2**63",
+            ),
+            status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)

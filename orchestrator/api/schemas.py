@@ -160,3 +160,26 @@ class ScriptCreate(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     interpreter: str = Field(default="/bin/sh", min_length=1)
     body: str
+
+
+class ErrorDetail(BaseModel):
+    """One validation problem: where it is and what is wrong."""
+
+    loc: list[str]
+    msg: str
+
+
+class ErrorPublic(BaseModel):
+    """The body of every 4xx and 503 response."""
+
+    result: bool = False
+    error: str = Field(description="A stable error code, such as invalid_input")
+    detail: str = Field(description="What is wrong and how to fix it")
+    field: str | None = Field(default=None, description="The request field at fault")
+    errors: list[ErrorDetail] | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorPublic, "description": "Invalid request"},
+    503: {"model": ErrorPublic, "description": "Database unavailable; retry"},
+}
