@@ -41,9 +41,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def server_factory(
-    tmp_path: Path, backend: str
-) -> Iterator[object]:
+def server_factory(tmp_path: Path, backend: str) -> Iterator[object]:
     """Build servers on the selected backend; stop them after the test."""
     started: list[Server] = []
 

@@ -38,8 +38,9 @@ def test_body_not_json_or_too_big(server: Server) -> None:
         huge = client.post(
             "/addJob", content=b'{"command": "' + b"x" * (10 << 20) + b'"}'
         )
-        no_key = client.post("/addJob", json={"command": "true"}, headers={
-            "Authorization": ""})
+        no_key = client.post(
+            "/addJob", json={"command": "true"}, headers={"Authorization": ""}
+        )
     assert not_json.status_code == 400
     assert "JSON" in not_json.json()["detail"]
     assert array.status_code == 400
@@ -51,18 +52,32 @@ def test_body_not_json_or_too_big(server: Server) -> None:
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_original_payload_forms(server: Server) -> None:
     with server.client() as client:
-        plain = client.post("/addJob", json={
-            "command": 'echo "Hello World"', "watchdog": 10, "workerClassId": "1",
-            "need_realtime": False, "userName": "admin", "apiKey": server.api_key,
-        }, headers={"Authorization": ""})
+        plain = client.post(
+            "/addJob",
+            json={
+                "command": 'echo "Hello World"',
+                "watchdog": 10,
+                "workerClassId": "1",
+                "need_realtime": False,
+                "userName": "admin",
+                "apiKey": server.api_key,
+            },
+            headers={"Authorization": ""},
+        )
         answer = plain.json()
         assert plain.status_code == 200, plain.text
         assert answer["result"] is True
         assert answer["state"] in ("running", "waiting")
         job = server.wait_job(client, answer["id"])
-        wrong_user = client.post("/addJob", json={
-            "command": "true", "userName": "mallory", "apiKey": server.api_key,
-        }, headers={"Authorization": ""})
+        wrong_user = client.post(
+            "/addJob",
+            json={
+                "command": "true",
+                "userName": "mallory",
+                "apiKey": server.api_key,
+            },
+            headers={"Authorization": ""},
+        )
     assert job["state"] == "succeeded"
     assert job["worker_class"] == "default"
     assert wrong_user.status_code == 401

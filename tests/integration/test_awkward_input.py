@@ -48,8 +48,11 @@ def test_many_params_work_or_refused(
     ).stdout.strip()
     with server.client() as client:
         fits = server.submit(
-            client, scriptId=script_id, params=[str(n) for n in range(50_000)],
-            wait=True, waitTimeout=60,
+            client,
+            scriptId=script_id,
+            params=[str(n) for n in range(50_000)],
+            wait=True,
+            waitTimeout=60,
         )
         too_many = client.post(
             "/addJob",

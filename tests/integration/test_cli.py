@@ -16,9 +16,20 @@ def test_user_add_before_first_start(tmp_path: Path, backend: str) -> None:
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     env = dict(os.environ, JOBBALANCER_CONFIG=str(config), SECRET_PW="s3cret-pass")
     result = subprocess.run(
-        [JOBBALANCER, "user", "add", "alice", "--role", "submitter",
-         "--password-env", "SECRET_PW"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            JOBBALANCER,
+            "user",
+            "add",
+            "alice",
+            "--role",
+            "submitter",
+            "--password-env",
+            "SECRET_PW",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     key = result.stdout.strip().splitlines()[-1]
     assert key.startswith("jb_")
@@ -37,7 +48,9 @@ def test_serve_refuses_root_without_flag(tmp_path: Path, backend: str) -> None:
     config = tmp_path / "config.toml"
     result = subprocess.run(
         [JOBBALANCER, "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 1
     assert "--allow-root" in result.stderr
@@ -47,10 +60,11 @@ def test_config_file_written_with_defaults(server: Server) -> None:
     fresh = server.workdir / "fresh.toml"
     home = server.workdir / "home"
     env = dict(server.env(), JOBBALANCER_CONFIG=str(fresh), HOME=str(home))
-    subprocess.run([JOBBALANCER, "worker", "list"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [JOBBALANCER, "worker", "list"], env=env, check=True, capture_output=True
+    )
     text = fresh.read_text()
-    assert "# strategy = \"round_robin\"" in text
+    assert '# strategy = "round_robin"' in text
     assert "# liveness_interval_seconds" in text
     assert (home / ".local/share/jobbalancer/jobbalancer.db").exists()
 
@@ -61,8 +75,9 @@ def test_client_commands(server: Server) -> None:
     env = dict(server.env(), JOBBALANCER_API_KEY=bob_key)
 
     def run(*args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([JOBBALANCER, *args], capture_output=True, env=env,
-                              timeout=60)
+        return subprocess.run(
+            [JOBBALANCER, *args], capture_output=True, env=env, timeout=60
+        )
 
     waited = run("submit", "--wait", "--", "printf 'a\\0b'; echo e >&2; exit 3")
     assert waited.returncode == 3
@@ -87,8 +102,21 @@ def test_client_commands(server: Server) -> None:
 
 
 def test_worker_commands(server: Server) -> None:
-    server.cli("worker", "add", "remote1", "--host", "127.0.0.1", "--port", "1",
-               "--class", "gpu", "--max-jobs", "3", "--max-sessions", "4")
+    server.cli(
+        "worker",
+        "add",
+        "remote1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "1",
+        "--class",
+        "gpu",
+        "--max-jobs",
+        "3",
+        "--max-sessions",
+        "4",
+    )
     listing = server.cli("worker", "list").stdout
     assert "remote1" in listing
     assert "gpu" in listing
@@ -97,8 +125,9 @@ def test_worker_commands(server: Server) -> None:
     server.cli("worker", "enable", "remote1")
     server.cli("worker", "remove", "remote1")
     assert "remote1" not in server.cli("worker", "list").stdout
-    duplicate = server.cli("worker", "add", "local", "--transport", "local",
-                           check=False)
+    duplicate = server.cli(
+        "worker", "add", "local", "--transport", "local", check=False
+    )
     assert duplicate.returncode == 1
     assert "already exists" in duplicate.stderr
     bad = server.cli("worker", "add", "nohost", check=False)

@@ -39,7 +39,14 @@ def restart_mariadb(down_seconds: float) -> None:
         time.sleep(0.1)
     time.sleep(down_seconds)
     subprocess.run(
-        ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD],
+        [
+            "start-stop-daemon",
+            "--start",
+            "--oknodo",
+            "--background",
+            "--exec",
+            MARIADBD,
+        ],
         check=True,
     )
     deadline = time.monotonic() + 60

@@ -18,17 +18,31 @@ pytestmark = [
 
 def curl_add_job(server: Server, payload: dict[str, object]) -> dict[str, object]:
     result = subprocess.run(
-        ["curl", "-sS", "-X", "POST", f"{server.url}/addJob",
-         "-H", "Content-Type: application/json",
-         "-H", f"Authorization: Bearer {server.api_key}",
-         "-d", json.dumps(payload)],
-        capture_output=True, text=True, check=True, timeout=60,
+        [
+            "curl",
+            "-sS",
+            "-X",
+            "POST",
+            f"{server.url}/addJob",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            f"Authorization: Bearer {server.api_key}",
+            "-d",
+            json.dumps(payload),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     answer: dict[str, object] = json.loads(result.stdout)
     return answer
 
 
-def test_transcodes_on_two_workers(server: Server, ssh_hosts: list, tmp_path: Path) -> None:
+def test_transcodes_on_two_workers(
+    server: Server, ssh_hosts: list, tmp_path: Path
+) -> None:
     server.cli("worker", "disable", "local")
     for index, host in enumerate(ssh_hosts[:2]):
         server.add_ssh_worker(host, f"enc{index}", max_jobs=1)
@@ -47,17 +61,29 @@ def test_transcodes_on_two_workers(server: Server, ssh_hosts: list, tmp_path: Pa
             ids.append(answer["id"])
         started = time.monotonic()
         jobs = [server.wait_job(client, int(job_id), timeout=180) for job_id in ids]
-        logs = [client.get(f"/api/v1/jobs/{job_id}/log",
-                           params={"stream": "stderr"}).text for job_id in ids]
+        logs = [
+            client.get(f"/api/v1/jobs/{job_id}/log", params={"stream": "stderr"}).text
+            for job_id in ids
+        ]
     assert [job["state"] for job in jobs] == ["succeeded", "succeeded"], jobs
     assert {job["worker"] for job in jobs} == {"enc0", "enc1"}
     assert time.monotonic() - started < 180
     for out, log in zip(outputs, logs, strict=True):
         assert out.exists()
         probe = subprocess.run(
-            ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name,width",
-             "-of", "json", str(out)],
-            capture_output=True, text=True, check=True,
+            [
+                "ffprobe",
+                "-v",
+                "error",
+                "-show_entries",
+                "stream=codec_name,width",
+                "-of",
+                "json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         stream = json.loads(probe.stdout)["streams"][0]
         assert stream["codec_name"] == "mpeg4"

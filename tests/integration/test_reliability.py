@@ -79,9 +79,9 @@ def test_retry_on_nonzero_exit(server: Server, tmp_path: Path) -> None:
         any_exit = server.submit(
             client, command=command, retries=2, retry_on="any", retry_delay=0.5
         )["id"]
-        always = server.submit(
-            client, command="exit 4", retries=1, retry_on="any"
-        )["id"]
+        always = server.submit(client, command="exit 4", retries=1, retry_on="any")[
+            "id"
+        ]
         first = server.wait_job(client, infra_only)
         second = server.wait_job(client, any_exit)
         third = server.wait_job(client, always)
@@ -160,8 +160,9 @@ def test_burst_every_job_recorded(server_factory: object) -> None:
         assert len(set(accepted)) == len(accepted)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            counts = http.get("/api/v1/jobs", params={"state": "succeeded",
-                                                       "limit": 1}).json()
+            counts = http.get(
+                "/api/v1/jobs", params={"state": "succeeded", "limit": 1}
+            ).json()
             if counts["total"] >= len(accepted):
                 break
             time.sleep(1)

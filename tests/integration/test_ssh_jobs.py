@@ -13,7 +13,9 @@ import pytest
 from tests.support.server import Server
 
 
-def use_ssh_worker(server: Server, host: object, name: str = "w1", **opts: object) -> None:
+def use_ssh_worker(
+    server: Server, host: object, name: str = "w1", **opts: object
+) -> None:
     """Register one SSH worker and take the local worker out of rotation."""
     server.cli("worker", "disable", "local")
     server.add_ssh_worker(host, name, **opts)  # type: ignore[arg-type]
@@ -38,7 +40,9 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-def test_binary_output_exact_bytes(server: Server, ssh_hosts: list, tmp_path: Path) -> None:
+def test_binary_output_exact_bytes(
+    server: Server, ssh_hosts: list, tmp_path: Path
+) -> None:
     use_ssh_worker(server, ssh_hosts[0])
     sample = tmp_path / "random.bin"
     command = (
@@ -137,9 +141,9 @@ def leftover_processes(marker: str) -> list[str]:
         ["ps", "-eo", "stat=,args="], capture_output=True, text=True, check=True
     )
     return [
-        line for line in result.stdout.splitlines()
-        if marker in line and not line.lstrip().startswith("Z")
-        and "ps -eo" not in line
+        line
+        for line in result.stdout.splitlines()
+        if marker in line and not line.lstrip().startswith("Z") and "ps -eo" not in line
     ]
 
 
@@ -176,12 +180,16 @@ def test_kill_through_api(server: Server, ssh_hosts: list) -> None:
 def test_stdin_is_at_eof(server: Server, ssh_hosts: list) -> None:
     use_ssh_worker(server, ssh_hosts[0])
     with server.client() as client:
-        answer = server.submit(client, command="cat; echo done", wait=True, waitTimeout=20)
+        answer = server.submit(
+            client, command="cat; echo done", wait=True, waitTimeout=20
+        )
     assert answer["state"] == "succeeded"
     assert answer["stdout"] == "done\n"
 
 
-def test_script_params_not_executed(server: Server, ssh_hosts: list, tmp_path: Path) -> None:
+def test_script_params_not_executed(
+    server: Server, ssh_hosts: list, tmp_path: Path
+) -> None:
     use_ssh_worker(server, ssh_hosts[0])
     script = tmp_path / "args.sh"
     script.write_text('for a in "$@"; do printf "<%s>\\n" "$a"; done\n')
@@ -196,8 +204,11 @@ def test_script_params_not_executed(server: Server, ssh_hosts: list, tmp_path: P
             client, scriptId=script_id, params=params, wait=True, waitTimeout=20
         )
         keyed = server.submit(
-            client, scriptId=int(script_id), params={"x": "1", "y": "two words"},
-            wait=True, waitTimeout=20,
+            client,
+            scriptId=int(script_id),
+            params={"x": "1", "y": "two words"},
+            wait=True,
+            waitTimeout=20,
         )
     assert listed["stdout"] == "<a b>\n<$(touch /tmp/pwned)>\n<'>\n"
     assert not marker.exists()

@@ -178,8 +178,17 @@ class Server:
     def add_ssh_worker(self, host: Any, name: str, **options: str | int) -> None:
         """Register a test sshd host as a worker with the CLI."""
         args = [
-            "worker", "add", name, "--host", host.host, "--port", str(host.port),
-            "--user", host.user, "--key", str(host.client_key_path),
+            "worker",
+            "add",
+            name,
+            "--host",
+            host.host,
+            "--port",
+            str(host.port),
+            "--user",
+            host.user,
+            "--key",
+            str(host.client_key_path),
         ]
         for option, value in options.items():
             args += [f"--{option.replace('_', '-')}", str(value)]
