@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_script_commands(sub)
     _add_key_commands(sub)
     _add_inventory_commands(sub)
+    _add_cert_commands(sub)
     _add_client_commands(sub)
     return parser
 
@@ -144,6 +145,40 @@ def _add_script_commands(sub: Any) -> None:
     add.add_argument("--interpreter", required=True, help="for example /bin/sh")
     add.add_argument("--file", type=Path, required=True, help="script file to store")
     add.set_defaults(handler=cmd_script_add)
+
+
+def _add_cert_commands(sub: Any) -> None:
+    cert = sub.add_parser("cert", help="TLS certificates").add_subparsers(title="cert")
+    generate = cert.add_parser(
+        "generate", help="write a self-signed certificate and key for HTTPS"
+    )
+    generate.add_argument(
+        "--dir", type=Path, help="output folder (default: the data folder)"
+    )
+    generate.add_argument(
+        "--host",
+        action="append",
+        help="host name or address the certificate is for (repeatable; "
+        "default: localhost and 127.0.0.1)",
+    )
+    generate.set_defaults(handler=cmd_cert_generate)
+
+
+def cmd_cert_generate(args: argparse.Namespace) -> None:
+    """Write a self-signed certificate and print the settings that use it."""
+    from orchestrator import tls
+
+    settings = _settings(args)
+    folder = (args.dir or settings.data_path()).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    hosts = args.host or ["localhost", "127.0.0.1"]
+    cert_path, key_path = folder / "server.crt", folder / "server.key"
+    fingerprint = tls.generate_self_signed(cert_path, key_path, hosts)
+    print(f"Wrote {cert_path} and {key_path} (key mode 0600).")
+    print(f"SHA-256 fingerprint: {fingerprint}")
+    print("Add these lines to the config file and restart the server:")
+    print(f'tls_cert_file = "{cert_path}"')
+    print(f'tls_key_file = "{key_path}"')
 
 
 def _add_client_commands(sub: Any) -> None:
@@ -214,12 +249,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(
         f"Job Balancer listening on http://{settings.host}:{settings.port}", flush=True
     )
+    tls: dict[str, str] = {}
+    if settings.tls_cert_file and settings.tls_key_file:
+        tls = {
+            "ssl_certfile": str(settings.tls_cert_file),
+            "ssl_keyfile": str(settings.tls_key_file),
+        }
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="info",
         access_log=False,
+        **tls,  # type: ignore[arg-type]
     )
 
 

@@ -65,6 +65,12 @@ DEFAULT_CONFIG_TEXT = """\
 # "lost" (and run again elsewhere when the job allows retries).
 # reattach_grace_seconds = 60
 
+# Serve HTTPS with this certificate and key (PEM files). Create a self-signed
+# pair with "jobbalancer cert generate". Session cookies are then sent with the
+# Secure flag.
+# tls_cert_file = "/etc/jobbalancer/server.crt"
+# tls_key_file = "/etc/jobbalancer/server.key"
+
 # Seconds without a poll from a pull agent before its worker goes offline.
 # Its running jobs then end "lost" unless it returns within reattach_grace_seconds.
 # agent_heartbeat_timeout_seconds = 30
@@ -88,6 +94,8 @@ class Settings(BaseModel):
     ssh_connect_timeout_seconds: float = Field(default=10, gt=0)
     ssh_keepalive_seconds: float = Field(default=5, gt=0)
     reattach_grace_seconds: float = Field(default=60, ge=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     agent_heartbeat_timeout_seconds: float = Field(default=30, gt=0)
     config_path: Path | None = None
 

@@ -128,7 +128,11 @@ class Dispatcher:
     # Submission and placement
 
     async def submit(
-        self, spec: JobSpec, values: dict[str, Any], realtime: bool
+        self,
+        spec: JobSpec,
+        values: dict[str, Any],
+        realtime: bool,
+        audit_entry: dict[str, Any] | None = None,
     ) -> str:
         """Insert a job and place it at once when a slot is free.
 
@@ -141,11 +145,15 @@ class Dispatcher:
                 finished_at=utcnow(),
                 reason="no free worker slot and need_realtime was set",
             )
-            spec.id = await db.retrying(jobs.insert_job, self.engine, values)
+            spec.id = await db.retrying(
+                jobs.insert_job, self.engine, values, audit_entry
+            )
             return jobs.OCCUPIED
         if worker is None:
             values.update(state=jobs.WAITING)
-            spec.id = await db.retrying(jobs.insert_job, self.engine, values)
+            spec.id = await db.retrying(
+                jobs.insert_job, self.engine, values, audit_entry
+            )
             self.queues.setdefault(spec.class_id, deque()).append(spec)
             # A slot may have freed while the row was being written.
             self._pump(spec.class_id)
@@ -155,7 +163,9 @@ class Dispatcher:
             values.update(
                 state=jobs.RUNNING, worker_id=worker.record.id, started_at=utcnow()
             )
-            spec.id = await db.retrying(jobs.insert_job, self.engine, values)
+            spec.id = await db.retrying(
+                jobs.insert_job, self.engine, values, audit_entry
+            )
         finally:
             worker.reserved -= 1
         self._launch(spec, worker, marked=True)

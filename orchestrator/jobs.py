@@ -92,11 +92,17 @@ def mark_retry(engine: Engine, spec: JobSpec, reason: str) -> None:
         )
 
 
-def insert_job(engine: Engine, values: dict[str, Any]) -> int:
-    """Insert a job row and return its id."""
+def insert_job(
+    engine: Engine, values: dict[str, Any], audit_entry: dict[str, Any] | None = None
+) -> int:
+    """Insert a job row, and its audit entry in the same transaction."""
     with engine.begin() as conn:
         result = conn.execute(insert(models.jobs).values(**values))
-        return int(result.inserted_primary_key[0])
+        job_id = int(result.inserted_primary_key[0])
+        if audit_entry is not None:
+            entry = dict(audit_entry, target=f"job {job_id}", at=utcnow())
+            conn.execute(insert(models.audit_log).values(**entry))
+        return job_id
 
 
 def find_by_idempotency_key(

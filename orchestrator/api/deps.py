@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 
-from orchestrator import accounts, security
+from orchestrator import accounts, db, security
+from orchestrator import audit as audit_log
 from orchestrator.accounts import User
 from orchestrator.config import Settings
 from orchestrator.dispatch import Dispatcher
@@ -102,3 +103,24 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 UserDep = Annotated[User, Depends(current_user)]
 AdminDep = Annotated[User, Depends(admin_user)]
+
+
+def client_address(request: Request) -> str | None:
+    """Return the caller's address as the server sees it."""
+    return request.client.host if request.client else None
+
+
+async def audit(
+    request: Request, user: User, action: str, target: str, detail: str | None = None
+) -> None:
+    """Record an API action in the audit log."""
+    await db.retrying(
+        audit_log.record_action,
+        get_engine(request),
+        user_id=user.id,
+        user_name=user.name,
+        action=action,
+        target=target,
+        detail=detail,
+        address=client_address(request),
+    )

@@ -67,7 +67,12 @@ async def add_job(
             "Idempotency-Key must be 1 to 128 characters", field="idempotencyKey"
         )
     job_id, state = await submit_job(
-        engine, dispatcher, user, payload, idempotency_key=idempotency_key
+        engine,
+        dispatcher,
+        user,
+        payload,
+        idempotency_key=idempotency_key,
+        address=deps.client_address(request),
     )
     answer: dict[str, Any] = {
         "result": state != jobs.OCCUPIED,
@@ -113,6 +118,7 @@ async def submit_job(
     payload: JobCreate,
     restarted_from: int | None = None,
     idempotency_key: str | None = None,
+    address: str | None = None,
 ) -> tuple[int, str]:
     """Validate a submission against the caller's rights and hand it over.
 
@@ -137,7 +143,16 @@ async def submit_job(
     values["restarted_from"] = restarted_from
     values["idempotency_key"] = idempotency_key or None
     try:
-        state = await dispatcher.submit(spec, values, payload.need_realtime)
+        audit_entry = {
+            "user_id": user.id,
+            "user_name": user.name,
+            "action": "job.restart" if restarted_from else "job.submit",
+            "detail": (payload.command or f"script {payload.scriptId}")[:1000],
+            "address": address,
+        }
+        state = await dispatcher.submit(
+            spec, values, payload.need_realtime, audit_entry
+        )
     except IntegrityError:
         # A concurrent request with the same idempotency key won the insert.
         found = await asyncio.to_thread(

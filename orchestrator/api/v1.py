@@ -4,7 +4,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from orchestrator import jobs, outputs, scripts, workers
@@ -16,7 +16,6 @@ from orchestrator.exceptions import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
-    PermissionDeniedError,
 )
 from orchestrator.transports.base import STDERR, STDOUT
 
@@ -124,6 +123,7 @@ async def read_job_log_chunks(
 @router.post("/jobs/{job_id}/kill", tags=["jobs"])
 async def kill_job(
     job_id: int,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.UserDep,
@@ -132,12 +132,14 @@ async def kill_job(
     row = await _load_job(engine, job_id, user)
     if row.state in jobs.FINAL_STATES or not await dispatcher.kill(job_id):
         raise ConflictError(f"job {job_id} has already ended ({row.state})")
+    await deps.audit(request, user, "job.kill", f"job {job_id}")
     return jobs.public_job(await _load_job(engine, job_id, user))
 
 
 @router.post("/jobs/{job_id}/restart", tags=["jobs"])
 async def restart_job(
     job_id: int,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.UserDep,
@@ -152,7 +154,14 @@ async def restart_job(
         workerClassId=row.class_id,
         need_realtime=row.need_realtime,
     )
-    new_id, state = await submit_job(engine, dispatcher, user, payload, job_id)
+    new_id, state = await submit_job(
+        engine,
+        dispatcher,
+        user,
+        payload,
+        job_id,
+        address=deps.client_address(request),
+    )
     return {
         "result": True,
         "id": new_id,
@@ -164,11 +173,12 @@ async def restart_job(
 
 @router.delete("/jobs/{job_id}", tags=["jobs"])
 async def delete_job(
-    job_id: int, engine: deps.EngineDep, user: deps.UserDep
+    job_id: int, request: Request, engine: deps.EngineDep, user: deps.UserDep
 ) -> dict[str, Any]:
     """Delete a job that has ended, with its output."""
     await _load_job(engine, job_id, user)
     await asyncio.to_thread(jobs.delete_job, engine, job_id)
+    await deps.audit(request, user, "job.delete", f"job {job_id}")
     return {"result": True, "id": job_id, "deleted": True}
 
 
@@ -187,6 +197,7 @@ async def read_workers(
 @router.post("/workers", tags=["workers"], status_code=201)
 async def create_worker(
     payload: WorkerCreate,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.AdminDep,
@@ -207,6 +218,7 @@ async def create_worker(
         )
     )
     await dispatcher.refresh_workers()
+    await deps.audit(request, user, "worker.add", f"worker {record.name}")
     return workers.public_worker(record, record.state, record.reason, 0)
 
 
@@ -214,6 +226,7 @@ async def create_worker(
 async def update_worker(
     name: str,
     payload: WorkerUpdate,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.AdminDep,
@@ -226,6 +239,7 @@ async def update_worker(
         )
     await asyncio.to_thread(workers.update_worker, engine, name, **values)
     await dispatcher.refresh_workers()
+    await deps.audit(request, user, "worker.update", f"worker {name}", str(values))
     record = await asyncio.to_thread(workers.get_worker, engine, name)
     return workers.public_worker(record, record.state, record.reason, 0)
 
@@ -233,6 +247,7 @@ async def update_worker(
 @router.delete("/workers/{name}", tags=["workers"])
 async def delete_worker(
     name: str,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.AdminDep,
@@ -240,6 +255,7 @@ async def delete_worker(
     """Remove a worker that runs no jobs."""
     await asyncio.to_thread(workers.remove_worker, engine, name)
     await dispatcher.refresh_workers()
+    await deps.audit(request, user, "worker.remove", f"worker {name}")
     return {"result": True, "name": name, "deleted": True}
 
 
@@ -268,15 +284,14 @@ async def read_script(
 
 @router.post("/scripts", tags=["scripts"], status_code=201)
 async def create_script(
-    payload: ScriptCreate, engine: deps.EngineDep, user: deps.AdminDep
+    payload: ScriptCreate,
+    request: Request,
+    engine: deps.EngineDep,
+    user: deps.AdminDep,
 ) -> dict[str, Any]:
     """Store a script."""
     script = await asyncio.to_thread(
         scripts.add_script, engine, payload.name, payload.interpreter, payload.body
     )
+    await deps.audit(request, user, "script.add", f"script {script.name}")
     return script.public()
-
-
-def _require_admin(user: User) -> None:
-    if not user.is_admin:
-        raise PermissionDeniedError("this action needs the admin role")
