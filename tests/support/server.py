@@ -62,6 +62,8 @@ class Server:
         self.log_path = workdir / "server.log"
         self.api_key = ""
         self.admin_password = ""
+        # An ssl.SSLContext that trusts the server's certificate under HTTPS.
+        self.verify: Any = True
 
     def start(self) -> None:
         """Start the process and wait until it answers /healthz."""
@@ -77,7 +79,12 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if (
+                    httpx.get(
+                        f"{self.url}/healthz", timeout=1, verify=self.verify
+                    ).status_code
+                    == 200
+                ):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
