@@ -5,18 +5,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import db, keys, stored_settings, ui, workers
 from orchestrator.api import agent as agent_api
+from orchestrator.api import deps, submit, v1
 from orchestrator.api import inventory as inventory_api
 from orchestrator.api import keys as keys_api
-from orchestrator.api import submit, v1
 from orchestrator.api.schemas import ERROR_RESPONSES
 from orchestrator.config import Settings
 from orchestrator.dispatch import Dispatcher
@@ -53,7 +56,11 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Run shell jobs submitted over HTTP on SSH workers",
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
+    _add_offline_docs(app)
     app.state.settings = settings
     app.state.key_cache = {}
     app.include_router(submit.router)
@@ -71,6 +78,35 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """Serve the OpenAPI document and page to signed-in callers only.
+
+    Swagger UI comes from a PyPI package, because FastAPI's own /docs page
+    loads it from a CDN, which fails offline.
+    """
+    app.mount(
+        "/docs-assets",
+        StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+        name="docs-assets",
+    )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(user: deps.UserDep) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, response_model=None)
+    async def swagger_ui(request: Request) -> HTMLResponse | RedirectResponse:
+        if getattr(request.state, "session_user", None) is None:
+            return RedirectResponse("/login?next=/docs", status_code=303)
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Job Balancer API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
 
 def error_body(error: str, detail: str, field: str | None = None) -> dict[str, Any]:

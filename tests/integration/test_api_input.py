@@ -104,3 +104,20 @@ def test_job_endpoints_errors(server: Server) -> None:
     assert deleted.status_code == 200
     assert gone.status_code == 404
     assert anonymous.status_code == 401
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_docs_served_offline(server: Server) -> None:
+    with server.client() as client:
+        document = client.get("/openapi.json")
+        bundle = client.get("/docs-assets/swagger-ui-bundle.js")
+        anonymous_doc = client.get("/openapi.json", headers={"Authorization": ""})
+        anonymous_page = client.get(
+            "/docs", headers={"Authorization": ""}, follow_redirects=False
+        )
+    assert document.status_code == 200
+    assert "/addJob" in document.json()["paths"]
+    assert bundle.status_code == 200
+    assert anonymous_doc.status_code == 401
+    assert anonymous_page.status_code == 303
+    assert anonymous_page.headers["location"].startswith("/login")
