@@ -1,8 +1,9 @@
 """The audit log: who changed what, and from which address."""
 
 import logging
+from typing import Any
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, func, insert, select
 
 from orchestrator import models
 from orchestrator.timeutil import utcnow
@@ -43,3 +44,31 @@ def record_action(
         target or "",
         extra={"event": "audit", "action": action, "user": user_name},
     )
+
+
+def list_entries(
+    engine: Engine,
+    *,
+    limit: int = 50,
+    offset: int = 0,
+    user_name: str | None = None,
+    action: str | None = None,
+) -> tuple[list[Any], int]:
+    """Return one page of audit entries, newest first, and the matching total."""
+    a = models.audit_log
+    conditions = []
+    if user_name:
+        conditions.append(a.c.user_name == user_name)
+    if action:
+        conditions.append(a.c.action.like(f"{_escape_like(action)}%", escape="\\"))
+    query = select(a).where(*conditions).order_by(a.c.id.desc())
+    with engine.connect() as conn:
+        rows = conn.execute(query.limit(limit).offset(offset)).all()
+        total = conn.execute(
+            select(func.count()).select_from(a).where(*conditions)
+        ).scalar_one()
+    return list(rows), int(total)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

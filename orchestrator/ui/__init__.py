@@ -5,12 +5,14 @@ from fastapi.staticfiles import StaticFiles
 
 from orchestrator.config import Settings
 from orchestrator.ui import (
+    audit,
     auth,
     classes,
     common,
     dashboard,
     job_detail,
     jobs,
+    keys,
     scripts,
     session,
     settings,
@@ -28,11 +30,13 @@ def install(app: FastAPI, config: Settings) -> None:
         dashboard,
         jobs,
         job_detail,
+        keys,
         workers,
         classes,
         users,
         scripts,
         settings,
+        audit,
     ):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=common.STATIC_DIR), name="static")

@@ -6,7 +6,7 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from fastapi import Depends, Request, Response
@@ -46,8 +46,10 @@ NAV_ITEMS = (
     ("Scripts", "/scripts", False),
     ("Workers", "/workers", True),
     ("Classes", "/worker-classes", True),
+    ("Keys", "/keys", True),
     ("Users", "/users", True),
     ("Settings", "/settings", True),
+    ("Audit", "/audit", True),
 )
 
 SECURITY_HEADERS = {
@@ -68,7 +70,7 @@ class LoginRequiredError(Exception):
 
 
 class PageRoute(APIRoute):
-    """A route that answers errors with an HTML page and adds security headers."""
+    """A route that renders errors as HTML pages and adds security headers."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """Wrap FastAPI's handler so errors of the page render as HTML."""
@@ -85,16 +87,36 @@ class PageRoute(APIRoute):
                     f"/login?next={quote(target, safe='')}", status_code=303
                 )
             except JobBalancerError as exc:
-                response = error_response(request, exc.status_code, exc.detail)
+                response = _failed_action(request, exc.status_code, exc.detail)
             except StarletteHTTPException as exc:
-                response = error_response(request, exc.status_code, str(exc.detail))
+                response = _failed_action(request, exc.status_code, str(exc.detail))
             except RequestValidationError as exc:
-                response = error_response(request, 400, _validation_text(exc))
+                response = _failed_action(request, 400, _validation_text(exc))
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
             return response
 
         return handle
+
+
+def _failed_action(request: Request, status: int, detail: str) -> Response:
+    """Send a failed form back to its page with a flash, else show the error."""
+    back = _referring_page(request)
+    if request.method == "POST" and back and not wants_json(request):
+        session.flash(request.session, "error", detail[:1].upper() + detail[1:])
+        return redirect(back)
+    return error_response(request, status, detail)
+
+
+def _referring_page(request: Request) -> str | None:
+    # Only a page of this server counts, and not the action's own URL, which
+    # is the confirmation page and returns 405 for GET.
+    referer = urlsplit(request.headers.get("referer", ""))
+    if referer.netloc != request.url.netloc or not referer.path.startswith("/"):
+        return None
+    if referer.path == request.url.path:
+        return None
+    return referer.path + (f"?{referer.query}" if referer.query else "")
 
 
 def _validation_text(exc: RequestValidationError) -> str:
@@ -112,7 +134,7 @@ def wants_json(request: Request) -> bool:
 
 
 def error_response(request: Request, status: int, detail: str) -> Response:
-    """Build an error answer: JSON for page scripts, an HTML page otherwise."""
+    """Build an error response: JSON for page scripts, an HTML page otherwise."""
     if wants_json(request):
         return JSONResponse(
             {"ok": False, "level": "error", "message": detail}, status_code=status
@@ -191,6 +213,7 @@ def _environment() -> jinja2.Environment:
             duration=format_duration,
             size=format_size,
             job_duration=lambda row: format_duration(job_seconds(row)),
+            sentence=lambda text: text[:1].upper() + text[1:],
         )
         env.globals.update(
             static=static_url, state_label=state_label, FINAL_STATES=jobs.FINAL_STATES
