@@ -9,13 +9,13 @@ import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator import db, keys, stored_settings, ui, workers
+from orchestrator import db, keys, metrics, stored_settings, ui, workers
 from orchestrator.api import agent as agent_api
 from orchestrator.api import deps, submit, v1
 from orchestrator.api import inventory as inventory_api
@@ -23,7 +23,11 @@ from orchestrator.api import keys as keys_api
 from orchestrator.api.schemas import ERROR_RESPONSES
 from orchestrator.config import Settings
 from orchestrator.dispatch import Dispatcher
-from orchestrator.exceptions import JobBalancerError
+from orchestrator.exceptions import (
+    AuthenticationError,
+    JobBalancerError,
+    PermissionDeniedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,13 @@ def create_app(settings: Settings) -> FastAPI:
         """Report that the server is up."""
         return {"status": "ok"}
 
+    @app.get("/metrics", tags=["server"], response_class=Response)
+    async def read_metrics(request: Request) -> Response:
+        """Export Prometheus metrics; send metrics_token or an admin API key."""
+        await _authorize_metrics(request, settings)
+        body = await metrics.render(app.state.engine, app.state.dispatcher)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
     return app
 
 
@@ -106,6 +117,25 @@ def _add_offline_docs(app: FastAPI) -> None:
             swagger_js_url="/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+
+async def _authorize_metrics(request: Request, settings: Settings) -> None:
+    if metrics.is_public(settings):
+        return
+    key = deps.bearer_key(request)
+    if key and metrics.token_matches(settings, key):
+        return
+    if not key:
+        raise AuthenticationError(
+            "missing credentials: send 'Authorization: Bearer TOKEN' with the "
+            "metrics_token setting or an admin API key",
+            field="Authorization",
+        )
+    user = await deps.authenticate_key(request, key, None)
+    if not user.is_admin:
+        raise PermissionDeniedError(
+            "metrics need the metrics_token setting or an admin API key"
         )
 
 

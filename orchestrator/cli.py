@@ -487,6 +487,7 @@ def _add_key_commands(sub: Any) -> None:
     generate.add_argument("--type", choices=tuple(keys.KEY_TYPES), default="ed25519")
     _add_default_option(generate)
     generate.set_defaults(handler=cmd_key_generate)
+
     imported = key.add_parser(
         "import", help="store an existing private key (OpenSSH or PEM)"
     )
@@ -499,11 +500,13 @@ def _add_key_commands(sub: Any) -> None:
     )
     _add_default_option(imported)
     imported.set_defaults(handler=cmd_key_import)
+
     listing = key.add_parser("list", help="print stored keys and their fingerprints")
     listing.set_defaults(handler=cmd_key_list)
     public = key.add_parser("public", help="print a key's authorized_keys line")
     public.add_argument("name")
     public.set_defaults(handler=cmd_key_public)
+
     default = key.add_parser("default", help="make a key the default key")
     default.add_argument("name")
     default.set_defaults(handler=cmd_key_default)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from orchestrator import db, jobs, keys, outputs, scripts, workers
+from orchestrator import db, jobs, keys, metrics, outputs, scripts, workers
 from orchestrator.config import Settings
 from orchestrator.jobs import JobSpec
 from orchestrator.timeutil import as_utc, utcnow
@@ -288,9 +288,24 @@ class Dispatcher:
         lost_since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
+            # A connect to a silent network blocks for up to
+            # ssh_connect_timeout_seconds, so a reattach is cut short where the
+            # grace ends instead of stretching it by that much.
+            timeout = None
+            if lost_since is not None:
+                timeout = max(0.0, grace - (loop.time() - lost_since))
             try:
-                execution = await worker.transport.start(
-                    run_spec, job.writer.write if job.writer else _discard, offsets
+                execution = await asyncio.wait_for(
+                    worker.transport.start(
+                        run_spec, job.writer.write if job.writer else _discard, offsets
+                    ),
+                    timeout,
+                )
+            except TimeoutError:
+                if timeout is None:
+                    raise
+                return ExitResult(
+                    error=f"lost contact with the worker: no reattach within {grace} s"
                 )
             except TransportError as exc:
                 if not attached:
@@ -301,6 +316,8 @@ class Dispatcher:
                 await asyncio.sleep(REATTACH_PAUSE_SECONDS)
                 continue
             if not attached:
+                latency = (utcnow() - as_utc(spec.created_at)).total_seconds()
+                metrics.DISPATCH_LATENCY.observe(max(0.0, latency))
                 logger.info(
                     "Started job %d on %s",
                     spec.id,
@@ -447,6 +464,9 @@ class Dispatcher:
     ) -> None:
         writer = job.writer
         truncated = writer.truncated if writer else False
+        if job.spec.started_monotonic is not None:
+            loop = asyncio.get_running_loop()
+            metrics.JOB_DURATION.observe(loop.time() - job.spec.started_monotonic)
         await db.retrying(
             jobs.finish_job,
             self.engine,
@@ -501,12 +521,14 @@ class Dispatcher:
 
     async def wait_for_end(self, job_id: int, timeout: float | None) -> None:
         """Wait until a job reaches a final state or the timeout passes."""
-        row = await db.retrying(jobs.get_job_row, self.engine, job_id)
-        if row.state in jobs.FINAL_STATES:
-            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Registered before the row is read, so a job that ends during the read
+        # still wakes this waiter.
         self._waiters.setdefault(job_id, []).append(future)
         try:
+            row = await db.retrying(jobs.get_job_row, self.engine, job_id)
+            if row.state in jobs.FINAL_STATES:
+                return
             await asyncio.wait_for(future, timeout)
         except TimeoutError:
             pass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from orchestrator import keys, models, workers
@@ -60,7 +60,7 @@ class WorkerSpec:
 
     @property
     def key_stated(self) -> bool:
-        """Return whether the file says which key the worker uses."""
+        """Return whether the file names the key the worker logs in with."""
         return self.key_name is not None or self.key_file is not None
 
 
@@ -196,7 +196,7 @@ class _GroupTree:
                 host_vars.setdefault(host, {}).update(values)
             if group.name in IMPLICIT_GROUPS:
                 continue
-            # A group that only holds other groups is not a class.
+            # A group that contains only other groups is not a class.
             stated = "jobbalancer_max_jobs" in group.vars and not group.children
             if group.hosts or stated:
                 inventory.classes[group.name] = self._class_max_jobs(group.name)
@@ -225,6 +225,7 @@ class _GroupTree:
         values.update(own_vars)
         where = f"{self.source}: host {host!r}"
         worker_class = self._host_class(host, groups, values)
+
         if worker_class in class_defaults:
             class_default = class_defaults[worker_class]
         else:
@@ -232,15 +233,18 @@ class _GroupTree:
         max_jobs = _positive(
             values.get("jobbalancer_max_jobs"), "jobbalancer_max_jobs", where
         )
-        # A limit equal to the class default follows the class, as the file says.
+        # A limit equal to the class default is stored as None, so the worker
+        # follows later changes of the class default.
         if max_jobs is not None and max_jobs == class_default:
             max_jobs = None
+
         key_name = _text(values.get("jobbalancer_key"), "jobbalancer_key", where)
         key_file = _text(values.get("jobbalancer_key_file"), "key file", where)
         if key_name and key_file:
             raise InventoryError(
                 f"{where} sets both jobbalancer_key and jobbalancer_key_file: keep one"
             )
+
         username = _text(values.get("jobbalancer_user"), "jobbalancer_user", where)
         if username is None:
             username = _text(values.get("ansible_user"), "ansible_user", where)
@@ -329,7 +333,7 @@ def _port(value: Any, where: str) -> int:
 
 @dataclass
 class SyncReport:
-    """What a sync added, changed and left alone."""
+    """Result of a sync: the classes and workers it added, changed and left alone."""
 
     dry_run: bool
     classes_added: list[str] = field(default_factory=list)
@@ -431,12 +435,7 @@ def _sync_classes(
         row = rows.get(name)
         if row is None:
             default = max_jobs or workers.DEFAULT_MAX_JOBS
-            result = conn.execute(
-                insert(c).values(
-                    name=name, default_max_jobs=default, created_at=utcnow()
-                )
-            )
-            ids[name] = int(result.inserted_primary_key[0])
+            ids[name] = workers.ensure_class(conn, name, default)
             report.classes_added.append(name)
             continue
         ids[name] = int(row.id)
@@ -479,6 +478,7 @@ def _sync_worker(
         values["key_path"] = spec.key_file
     if len(spec.name) > 64:
         raise InventoryError(f"host name {spec.name!r} is longer than 64 characters")
+
     w = models.workers
     row = existing.get(spec.name)
     now = utcnow()
@@ -498,6 +498,7 @@ def _sync_worker(
         )
         report.added.append(spec.name)
         return
+
     if row.transport != "ssh":
         raise InventoryError(
             f"host {spec.name!r} names a worker that uses the {row.transport} "
@@ -568,8 +569,10 @@ def export_inventory(engine: Engine, now: datetime | None = None) -> str:
         "# Groups are worker classes. `jobbalancer inventory sync FILE` reads this\n"
         "# file back; the built-in local worker is not listed.\n"
     )
-    body = yaml.safe_dump(
-        {"all": {"children": children}}, sort_keys=False, default_flow_style=False
+    body = str(
+        yaml.safe_dump(
+            {"all": {"children": children}}, sort_keys=False, default_flow_style=False
+        )
     )
     return header + body
 

@@ -22,7 +22,7 @@ import asyncssh
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
 
 from orchestrator import models
 from orchestrator.exceptions import (
@@ -39,7 +39,7 @@ MASTER_KEY_ENV = "JOBBALANCER_MASTER_KEY"
 MASTER_KEY_FILE = "master.key"
 MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
-# Stored blobs start with this tag, so a later format can be told apart.
+# Stored blobs start with this version tag, so a later format can be detected.
 CIPHERTEXT_TAG = b"jbk1"
 KEY_TYPES = {"ed25519": "ssh-ed25519", "rsa": "ssh-rsa"}
 RSA_GENERATED_BITS = 4096
@@ -593,11 +593,18 @@ def host_key_state(engine: Engine, worker_name: str) -> dict[str, Any]:
 
 
 def record_pending_host_key(engine: Engine, worker_id: int, host_key: str) -> None:
-    """Store a changed host key until an admin accepts it."""
+    """Store a changed host key until an admin accepts it.
+
+    A key equal to the recorded one is skipped: it comes from a check that
+    started before an admin accepted that key.
+    """
     w = models.workers
     with engine.begin() as conn:
         conn.execute(
-            update(w).where(w.c.id == worker_id).values(pending_host_key=host_key)
+            update(w)
+            .where(w.c.id == worker_id)
+            .where(or_(w.c.host_key.is_(None), w.c.host_key != host_key))
+            .values(pending_host_key=host_key)
         )
 
 

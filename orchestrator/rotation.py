@@ -68,7 +68,7 @@ exit $rc
 
 @dataclass
 class WorkerProgress:
-    """Where one worker stands in a rotation."""
+    """Progress of one worker in a rotation."""
 
     worker_id: int
     name: str
@@ -136,7 +136,12 @@ class Rotation:
 
 
 class RotationRegistry:
-    """The rotations this server process started, newest last."""
+    """The rotations this server process started, newest last.
+
+    NOTE: rotations live in memory only. When the server stops mid-rotation,
+    a key that no worker uses may stay in the store and in authorized_keys
+    files. `jobbalancer key list` shows such keys, and they can be deleted.
+    """
 
     def __init__(self) -> None:
         self.rotations: dict[str, Rotation] = {}
@@ -172,6 +177,7 @@ async def start_rotation(
     if registry.running_for(old_name) is not None:
         raise ConflictError(f"SSH key {old_name!r} is already being rotated")
     _check_authorized_keys_file(authorized_keys_file)
+
     old = await asyncio.to_thread(keys.get_key, engine, old_name)
     if key_type is None:
         key_type = "rsa" if old.key_type == "ssh-rsa" else "ed25519"
@@ -184,6 +190,7 @@ async def start_rotation(
         key_type,
         make_default=False,
     )
+
     users = await asyncio.to_thread(keys.key_users, engine, old)
     rotation = Rotation(
         id=secrets.token_hex(8),
@@ -265,6 +272,7 @@ async def _install(
     transport = runtime.transport
     target = transport.target
     progress.account = (target.host, target.port, target.username)
+
     progress.state = "installing"
     script = INSTALL_SCRIPT.format(
         path=_shell_path(rotation.authorized_keys_file),
@@ -277,11 +285,12 @@ async def _install(
                 script, stdin=line.encode(), timeout=REMOTE_COMMAND_TIMEOUT_SECONDS
             )
     except (TransportError, asyncssh.Error, OSError) as exc:
-        _fail(progress, f"could not log in with the old key: {exc}")
+        _fail(progress, f"running a command with the old key failed: {exc}")
         return
     if result.exit_status != 0:
         _fail(progress, f"writing authorized_keys failed: {_stderr(result)}")
         return
+
     progress.state = "verifying"
     probe_target = dataclasses.replace(
         target, client_key=new_key, key_path=None, key_error=None

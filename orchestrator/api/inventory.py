@@ -53,6 +53,11 @@ async def sync_inventory(
         lambda: inventory.sync_inventory(engine, parsed, dry_run=dry_run)
     )
     if not dry_run:
+        summary = (
+            f"{len(report.added)} added, {len(report.changed)} changed, "
+            f"{len(report.unchanged)} unchanged"
+        )
+        await deps.audit(request, user, "inventory.sync", "workers", summary)
         await dispatcher.refresh_workers()
     return report.public()
 

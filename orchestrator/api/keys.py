@@ -62,7 +62,9 @@ class WorkerKeyUpdate(BaseModel):
     """The stored key a worker logs in with."""
 
     key: str | None = Field(
-        default=None, description="Key name; null means the default key"
+        default=None,
+        description="Key name; null means the worker's key file when it has one, "
+        "else the default key",
     )
 
 
@@ -79,7 +81,8 @@ def _master_key(settings: Any) -> bytes:
     return keys.load_master_key(settings.data_path())
 
 
-def _registry(request: Request) -> rotation.RotationRegistry:
+def rotation_registry(request: Request) -> rotation.RotationRegistry:
+    """Return the application's key rotations, creating the registry once."""
     state = request.app.state
     registry = getattr(state, "key_rotations", None)
     if registry is None:
@@ -104,6 +107,7 @@ async def read_keys(engine: deps.EngineDep, user: deps.AdminDep) -> dict[str, An
 @router.post("/keys", tags=["keys"], status_code=201)
 async def create_key(
     payload: KeyCreate,
+    request: Request,
     engine: deps.EngineDep,
     settings: deps.SettingsDep,
     user: deps.AdminDep,
@@ -115,12 +119,16 @@ async def create_key(
             engine, master_key, payload.name, payload.type, make_default=payload.default
         )
     )
+    await deps.audit(
+        request, user, "key.generate", f"key {record.name}", record.fingerprint
+    )
     return await _public_key(engine, record)
 
 
 @router.post("/keys/import", tags=["keys"], status_code=201)
 async def import_key(
     payload: KeyImport,
+    request: Request,
     engine: deps.EngineDep,
     settings: deps.SettingsDep,
     user: deps.AdminDep,
@@ -137,13 +145,18 @@ async def import_key(
             make_default=payload.default,
         )
     )
+    await deps.audit(
+        request, user, "key.import", f"key {record.name}", record.fingerprint
+    )
     return await _public_key(engine, record)
 
 
 @router.get("/keys/rotations", tags=["keys"])
 async def read_rotations(request: Request, user: deps.AdminDep) -> dict[str, Any]:
     """List the key rotations this server process ran, newest first."""
-    items = [r.public() for r in reversed(_registry(request).rotations.values())]
+    items = [
+        r.public() for r in reversed(rotation_registry(request).rotations.values())
+    ]
     return {"rotations": items, "total": len(items)}
 
 
@@ -152,7 +165,7 @@ async def read_rotation(
     rotation_id: str, request: Request, user: deps.AdminDep
 ) -> dict[str, Any]:
     """Return a key rotation with the progress of each worker."""
-    found = _registry(request).rotations.get(rotation_id)
+    found = rotation_registry(request).rotations.get(rotation_id)
     if found is None:
         raise NotFoundError(f"key rotation {rotation_id!r} not found")
     return found.public()
@@ -182,22 +195,25 @@ async def read_public_key(
 @router.post("/keys/{name}/default", tags=["keys"])
 async def make_default_key(
     name: str,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.AdminDep,
 ) -> dict[str, Any]:
     """Make this key the one that workers without their own key log in with."""
     record = await asyncio.to_thread(keys.set_default_key, engine, name)
+    await deps.audit(request, user, "key.default", f"key {name}")
     await dispatcher.refresh_workers()
     return await _public_key(engine, record)
 
 
 @router.delete("/keys/{name}", tags=["keys"])
 async def delete_key(
-    name: str, engine: deps.EngineDep, user: deps.AdminDep
+    name: str, request: Request, engine: deps.EngineDep, user: deps.AdminDep
 ) -> dict[str, Any]:
     """Delete a key that no worker uses; 409 while workers still use it."""
     await asyncio.to_thread(keys.delete_key, engine, name)
+    await deps.audit(request, user, "key.delete", f"key {name}")
     return {"result": True, "name": name, "deleted": True}
 
 
@@ -212,7 +228,7 @@ async def rotate_key(
 ) -> dict[str, Any]:
     """Start replacing the key on every worker; poll the returned rotation."""
     found = await rotation.start_rotation(
-        _registry(request),
+        rotation_registry(request),
         dispatcher,
         _master_key(settings),
         name,
@@ -220,6 +236,9 @@ async def rotate_key(
         key_type=payload.type,
         authorized_keys_file=payload.authorized_keys_file,
         delete_old=payload.delete_old,
+    )
+    await deps.audit(
+        request, user, "key.rotate", f"key {name}", f"new key {found.new_key.name}"
     )
     body = found.public()
     body["url"] = f"/api/v1/keys/rotations/{found.id}"
@@ -230,12 +249,16 @@ async def rotate_key(
 async def assign_worker_key(
     name: str,
     payload: WorkerKeyUpdate,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.AdminDep,
 ) -> dict[str, Any]:
     """Give a worker its own stored key, or null for the default key."""
     await asyncio.to_thread(keys.assign_key, engine, name, payload.key)
+    await deps.audit(
+        request, user, "worker.key", f"worker {name}", payload.key or "default key"
+    )
     await dispatcher.refresh_workers()
     return {"worker": name, "key": payload.key}
 
@@ -251,6 +274,7 @@ async def read_host_key(
 @router.post("/workers/{name}/accept-host-key", tags=["keys"])
 async def accept_host_key(
     name: str,
+    request: Request,
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
     user: deps.AdminDep,
@@ -259,5 +283,8 @@ async def accept_host_key(
     """Trust the worker's changed host key and bring the worker back."""
     fingerprint = payload.fingerprint if payload is not None else None
     state = await asyncio.to_thread(keys.accept_host_key, engine, name, fingerprint)
+    await deps.audit(
+        request, user, "worker.accept_host_key", f"worker {name}", state["fingerprint"]
+    )
     await dispatcher.refresh_workers()
     return state

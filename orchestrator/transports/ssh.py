@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncssh
 
+from orchestrator import metrics
 from orchestrator.transports.base import (
     INLINE_COMMAND_MAX_BYTES,
     STDERR,
@@ -48,13 +49,21 @@ INFRA_STATUSES = (STATUS_NO_FOLDER, STATUS_NO_SUPERVISOR, STATUS_NO_RC)
 # marker makes a second run of this script attach to the job instead of
 # starting it again. The channel follows both files from the given byte offsets
 # until the supervisor exits, and then exits with the job's status.
+# The followers stop when a child of the channel's shell gets a lock on "lock",
+# which the supervisor holds while it lives: the shell takes it and the
+# supervisor inherits it. They do not watch the supervisor's PID, because an
+# exited orphan stays a zombie, which "tail --pid" counts as alive, until init
+# reaps it: a second or more under some container inits, and never under an
+# init that does not reap. flock is part of util-linux. Run folders without a
+# lock file come from an older server and are followed by PID.
 RUN_SCRIPT = """d={run_dir}
 if [ ! -e "$d/started" ]; then
   mkdir -p "$d" && : > "$d/out" && : > "$d/err" && : > "$d/started" || exit 252
+  exec 9>"$d/lock" && flock 9 || exit 252
   ( setsid /bin/sh -c 'd=$1
 echo $$ > "$d/supervisor.tmp"
 mv "$d/supervisor.tmp" "$d/supervisor"
-setsid /bin/sh -c "$2" </dev/null >>"$d/out" 2>>"$d/err" &
+setsid /bin/sh -c "$2" </dev/null >>"$d/out" 2>>"$d/err" 9>&- &
 p=$!
 echo $p > "$d/pid"
 wait $p
@@ -62,12 +71,18 @@ r=$?
 while kill -0 -- -$p 2>/dev/null; do sleep 0.1; done
 echo $r > "$d/rc.tmp"
 mv "$d/rc.tmp" "$d/rc"' jobbalancer "$d" {command} </dev/null >/dev/null 2>&1 & )
+  exec 9>&-
 fi
-i=0
-while [ ! -s "$d/supervisor" ]; do
-  i=$((i+1)); [ $i -gt 500 ] && exit 253; sleep 0.01
-done
-s=$(cat "$d/supervisor")
+if [ -e "$d/lock" ]; then
+  flock -s "$d/lock" true &
+  s=$!
+else
+  i=0
+  while [ ! -s "$d/supervisor" ]; do
+    i=$((i+1)); [ $i -gt 500 ] && exit 253; sleep 0.01
+  done
+  s=$(cat "$d/supervisor")
+fi
 tail -c +{out_start} -s {poll} -f --pid="$s" "$d/out" &
 t=$!
 tail -c +{err_start} -s {poll} -f --pid="$s" "$d/err" >&2
@@ -200,6 +215,10 @@ class SshTransport:
                 logger.debug("Channel open failed on %s: %s", self.target.name, exc)
                 await asyncio.sleep(0.01 * (attempt + 1))
                 continue
+            except asyncio.CancelledError:
+                # The dispatcher cancels a reattach that outlasts its grace.
+                self._release(pooled)
+                raise
             except (OSError, asyncssh.Error) as exc:
                 self._release(pooled)
                 raise TransportError(
@@ -255,8 +274,28 @@ class SshTransport:
         return int(text)
 
     async def check(self) -> None:
-        """Probe the listener and run ``true`` over the pool."""
-        await self._probe_listener()
+        """Probe the listener and run ``true`` over the pool, both at once.
+
+        When the network goes silent, the probe's TCP connect waits out
+        connect_timeout_seconds, but a pooled connection closes after three
+        unanswered keepalives and fails the command sooner. Raises the first
+        failure and cancels the other check.
+        """
+        probe = asyncio.ensure_future(self._probe_listener())
+        command = asyncio.ensure_future(self._check_command())
+        try:
+            done, _ = await asyncio.wait(
+                {probe, command}, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in (probe, command):
+                if task in done:
+                    task.result()
+        finally:
+            for task in (probe, command):
+                task.cancel()
+            await asyncio.gather(probe, command, return_exceptions=True)
+
+    async def _check_command(self) -> None:
         try:
             result = await asyncio.wait_for(
                 self.run_simple("true"), CHECK_TIMEOUT_SECONDS
@@ -287,7 +326,16 @@ class SshTransport:
                     check=False,
                     timeout=timeout,
                 )
-            except asyncssh.ChannelOpenError:
+            except asyncssh.ChannelOpenError as exc:
+                if pooled.closed:
+                    # asyncssh 2.24 fails the channel opens still pending when a
+                    # connection closes, for example after unanswered keepalives,
+                    # with this error too. That is no session limit, and a retry
+                    # would wait out the connect timeout on a new connection.
+                    raise TransportError(
+                        f"command failed on {self.target.name}: {exc}",
+                        worker=self.target.name,
+                    ) from exc
                 pooled.limit = max(1, pooled.in_flight - 1)
                 await asyncio.sleep(0.01 * (attempt + 1))
             except (OSError, asyncssh.Error) as exc:
@@ -391,6 +439,9 @@ class SshTransport:
                 worker=target.name,
             ) from exc
         self.reconnects += 1
+        # A connect while the pool still has a live connection only widens it.
+        if self.reconnects > 1 and not any(not p.closed for p in self._pool):
+            metrics.SSH_RECONNECTS.labels(target.name).inc()
         if not target.host_key:
             key = conn.get_server_host_key()
             if key is not None:

@@ -24,6 +24,7 @@ from orchestrator.ui import (
 def install(app: FastAPI, config: Settings) -> None:
     """Add the pages, their static files and the session middleware to ``app``."""
     app.state.login_throttle = auth.LoginThrottle()
+    app.state.dashboard_cache = {}
     # The list router comes first so /jobs/status is not read as a job id.
     for module in (
         auth,

@@ -31,7 +31,7 @@ DEFAULT_TARGET = "/dashboard"
 class LoginThrottle:
     """Count failed logins per user name and per client address.
 
-    A key that reached its limit within the window is refused until its oldest
+    A key that reached its limit within the window is rejected until its oldest
     failure leaves the window. Counts live in this process's memory, so every
     server process throttles on its own and a restart clears them.
     """

@@ -14,9 +14,10 @@ OUTCOMES = (
 )
 DAY_CHART_WIDTH = 640
 DAY_CHART_HEIGHT = 220
+RATE_CHART_WIDTH = 480
 RATE_ROW_HEIGHT = 30
-RATE_LABEL_WIDTH = 150
-RATE_TEXT_WIDTH = 110
+RATE_LABEL_WIDTH = 130
+RATE_TEXT_WIDTH = 120
 GOOD_RATE = 0.9
 FAIR_RATE = 0.7
 
@@ -68,10 +69,11 @@ def day_chart(bars: list[DayBar]) -> Markup:
     height = DAY_CHART_HEIGHT - top - bottom
     maximum = nice_ceiling(max(bar.total for bar in bars))
     slot = width / len(bars)
-    parts = [_svg_open(DAY_CHART_WIDTH, DAY_CHART_HEIGHT, "Jobs per day")]
-    for tick in range(5):
-        value = maximum * tick / 4
-        y = top + height - height * tick / 4
+    parts = [_svg_open(DAY_CHART_WIDTH, DAY_CHART_HEIGHT, "Jobs per day", "days")]
+    ticks = _tick_count(maximum)
+    for tick in range(ticks + 1):
+        value = maximum * tick // ticks
+        y = top + height - height * tick / ticks
         parts.append(
             f'<line class="grid" x1="{left}" x2="{left + width}" '
             f'y1="{y:.1f}" y2="{y:.1f}"/>'
@@ -89,6 +91,14 @@ def day_chart(bars: list[DayBar]) -> Markup:
             )
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def _tick_count(maximum: int) -> int:
+    """Return how many steps divide the axis into whole numbers."""
+    for count in (4, 5, 2):
+        if maximum % count == 0:
+            return count
+    return 1
 
 
 def _day_bar(bar: DayBar, x: float, width: float, base: float, scale: float) -> str:
@@ -112,10 +122,9 @@ def rate_chart(rates: list[WorkerRate]) -> Markup:
     """Draw each worker's success rate as a horizontal bar."""
     if not rates:
         return Markup('<p class="empty">No jobs ended in the last 24 hours.</p>')
-    total_width = DAY_CHART_WIDTH
-    track = total_width - RATE_LABEL_WIDTH - RATE_TEXT_WIDTH
+    track = RATE_CHART_WIDTH - RATE_LABEL_WIDTH - RATE_TEXT_WIDTH
     height = RATE_ROW_HEIGHT * len(rates) + 8
-    parts = [_svg_open(total_width, height, "Success rate per worker")]
+    parts = [_svg_open(RATE_CHART_WIDTH, height, "Success rate per worker", "rates")]
     for index, item in enumerate(rates):
         y = 4 + index * RATE_ROW_HEIGHT
         fill = track * item.rate
@@ -145,8 +154,8 @@ def _grade(rate: float) -> str:
     return "poor"
 
 
-def _svg_open(width: int, height: int, label: str) -> str:
+def _svg_open(width: int, height: int, label: str, kind: str) -> str:
     return (
-        f'<svg class="chart-svg" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg class="chart-svg {kind}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{escape(label)}" xmlns="http://www.w3.org/2000/svg">'
     )

@@ -1,4 +1,4 @@
-"""Form input with CSRF checks, and the answers that page actions send."""
+"""Form input with CSRF checks, and the responses that page actions send."""
 
 import asyncio
 import logging
@@ -152,7 +152,7 @@ def action_done(
     level: str = "ok",
     data: dict[str, Any] | None = None,
 ) -> Response:
-    """Answer a finished action: JSON for page scripts, else a flash and redirect."""
+    """Respond to a finished action: JSON for page scripts, else flash and redirect."""
     if common.wants_json(request):
         body = {"ok": level != "error", "level": level, "message": message}
         body.update(data or {})
@@ -185,6 +185,11 @@ def confirm_page(
     )
 
 
+def client_address(request: Request) -> str | None:
+    """Return the browser's address as the server sees it."""
+    return request.client.host if request.client else None
+
+
 async def record(
     request: Request,
     user: User,
@@ -194,7 +199,7 @@ async def record(
 ) -> None:
     """Write a page action to the audit log."""
     engine = request.app.state.engine
-    address = request.client.host if request.client else None
+    address = client_address(request)
     try:
         await asyncio.to_thread(
             audit.record_action,

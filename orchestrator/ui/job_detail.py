@@ -154,8 +154,10 @@ async def restart_job(
         workerClassId=row.class_id,
         need_realtime=row.need_realtime,
     )
-    new_id, state = await submit_job(engine, dispatcher, user, payload, job_id)
-    await forms.record(request, user, "job.restart", f"job {job_id}", f"as {new_id}")
+    # submit_job records the restart in the audit log.
+    new_id, state = await submit_job(
+        engine, dispatcher, user, payload, job_id, address=forms.client_address(request)
+    )
     message = f"Job {job_id} restarted as job {new_id} ({common.state_label(state)})."
     url = f"/jobs/{new_id}"
     return forms.action_done(request, message, url, data={"redirect": url})

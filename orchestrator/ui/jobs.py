@@ -203,7 +203,9 @@ async def run_command(
             watchdog=form.number("watchdog", minimum=0),
             workerClassId=form.text("workerClassId") or None,
         )
-        job_id, state = await submit_job(engine, dispatcher, user, payload)
+        job_id, state = await submit_job(
+            engine, dispatcher, user, payload, address=forms.client_address(request)
+        )
     except JobBalancerError as exc:
         query = ListQuery.parse(request.query_params)
         return await _render_list(
@@ -215,6 +217,5 @@ async def run_command(
             errors=forms.form_errors(exc),
             status_code=exc.status_code,
         )
-    await forms.record(request, user, "job.submit", f"job {job_id}")
     message = f"Job {job_id} is {common.state_label(state).lower()}."
     return forms.action_done(request, message, f"/jobs/{job_id}")

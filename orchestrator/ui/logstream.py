@@ -11,12 +11,14 @@ import codecs
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
 
 from orchestrator import jobs, outputs
 from orchestrator.dispatch import Dispatcher
+from orchestrator.outputs import OutputWriter
 from orchestrator.timeutil import isoformat, utcnow
 from orchestrator.transports.base import STDERR, STDOUT
 from orchestrator.ui import common, progress
@@ -25,17 +27,28 @@ from orchestrator.ui import common, progress
 TAIL_BYTES = 256 * 1024
 STORED_BATCH_BYTES = 256 * 1024
 KEEPALIVE_SECONDS = 15.0
-# Each connection ends after this long and the browser reconnects, so a server
-# shutdown never waits on an open stream for longer.
+# Each connection ends after about this long, give or take the waits of one or
+# two seconds below, and the browser reconnects. A server shutdown therefore
+# waits about this long at most for an open stream.
 STREAM_SECONDS = 30.0
 POLL_SECONDS = 1.0
 QUEUE_WAIT_SECONDS = 1.0
 PROGRESS_EVERY_SECONDS = 1.0
 STORED_WAIT_SECONDS = 2.0
-FINAL_WAIT_SECONDS = 10.0
+# A job's final state follows its writer's close within moments; a retry does not.
+FINAL_WAIT_SECONDS = 2.0
 STREAM_NAMES = {STDOUT: "out", STDERR: "err"}
 
 Queue = asyncio.Queue[tuple[int, bytes] | None]
+
+
+@dataclass
+class Subscription:
+    """A listener queue on one output writer, and the offset where it starts."""
+
+    queue: Queue
+    writer: OutputWriter
+    live_from: int
 
 
 def sse(event: str, data: Any, event_id: int | None = None) -> str:
@@ -58,8 +71,6 @@ def job_summary(row: Any) -> dict[str, Any]:
         "reason": row.reason,
         "started_at": isoformat(row.started_at),
         "finished_at": isoformat(row.finished_at),
-        "started": common.format_utc(row.started_at),
-        "finished": common.format_utc(row.finished_at),
         "duration": common.format_duration(seconds),
         "log_bytes": row.log_bytes,
         "log_size": common.format_size(row.log_bytes),
@@ -87,6 +98,7 @@ class JobStream:
         self.row: Any = None
         self.sent_summary: dict[str, Any] | None = None
         self.progress_sent_at = 0.0
+        self.closed_writer: OutputWriter | None = None
 
     async def events(self) -> AsyncIterator[str]:
         """Yield events until the job ends or the connection's time is up."""
@@ -104,7 +116,7 @@ class JobStream:
                 async for event in self._poll():
                     yield event
                 continue
-            async for event in self._follow(*subscription, deadline):
+            async for event in self._follow(subscription, deadline):
                 yield event
             if time.monotonic() >= deadline:
                 return
@@ -139,25 +151,34 @@ class JobStream:
         if event:
             yield event
 
-    def _subscribe(self) -> tuple[Queue, int] | None:
-        queue = self.dispatcher.subscribe(self.job_id)
+    def _subscribe(self) -> Subscription | None:
         running = self.dispatcher.running.get(self.job_id)
-        if queue is None or running is None or running.writer is None:
+        writer = running.writer if running is not None else None
+        if running is None or writer is None or writer is self.closed_writer:
+            return None
+        # A retry or a reattached job's writer counts from zero until resume()
+        # has read the stored size; until then the database is followed instead.
+        resuming = running.spec.attempt > 1 or running.spec.resume_offsets is not None
+        if resuming and writer.total_bytes == 0:
+            return None
+        queue = self.dispatcher.subscribe(self.job_id)
+        if queue is None:
             return None
         # No await separates subscribe() from reading total_bytes, so every byte
         # past live_from reaches the queue and every byte before it the database.
-        return queue, running.writer.total_bytes
+        return Subscription(queue, writer, writer.total_bytes)
 
     async def _follow(
-        self, queue: Queue, live_from: int, deadline: float
+        self, subscription: Subscription, deadline: float
     ) -> AsyncIterator[str]:
+        live_from = subscription.live_from
         try:
             await self._wait_stored(live_from)
             async for event in self._stored(live_from):
                 yield event
             skip = max(0, self.position - live_from)
             self.position = max(self.position, live_from)
-            async for item in self._queued(queue, deadline):
+            async for item in self._queued(subscription, deadline):
                 if item is None:
                     yield ": keepalive\n\n"
                     continue
@@ -168,33 +189,31 @@ class JobStream:
                 for event in self._output_events(stream, data):
                     yield event
         finally:
-            self._unsubscribe(queue)
+            if subscription.queue in subscription.writer.listeners:
+                subscription.writer.listeners.remove(subscription.queue)
 
     async def _queued(
-        self, queue: Queue, deadline: float
+        self, subscription: Subscription, deadline: float
     ) -> AsyncIterator[tuple[int, bytes] | None]:
         """Yield queued chunks, and None when a keepalive is due."""
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
             try:
-                item = await asyncio.wait_for(queue.get(), QUEUE_WAIT_SECONDS)
+                item = await asyncio.wait_for(
+                    subscription.queue.get(), QUEUE_WAIT_SECONDS
+                )
             except TimeoutError:
-                if self.job_id not in self.dispatcher.running:
+                running = self.dispatcher.running.get(self.job_id)
+                if running is None or running.writer is not subscription.writer:
                     return
                 if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
                     quiet_since = time.monotonic()
                     yield None
                 continue
             if item is None:
+                self.closed_writer = subscription.writer
                 return
             yield item
-
-    def _unsubscribe(self, queue: Queue) -> None:
-        running = self.dispatcher.running.get(self.job_id)
-        if running is not None and running.writer is not None:
-            listeners = running.writer.listeners
-            if queue in listeners:
-                listeners.remove(queue)
 
     async def _stored(self, end: int | None) -> AsyncIterator[str]:
         while True:
@@ -258,7 +277,8 @@ class JobStream:
             await asyncio.sleep(0.1)
 
     async def _wait_final(self) -> None:
-        # The writer closes a moment before the final state is written.
+        # The writer closes a moment before the final state is written, or
+        # before the job is queued again for another attempt.
         deadline = time.monotonic() + FINAL_WAIT_SECONDS
         while True:
             self.row = await self._load()

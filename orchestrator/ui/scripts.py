@@ -196,7 +196,9 @@ async def run_script(
             watchdog=form.number("watchdog", minimum=0),
             workerClassId=form.text("workerClassId") or None,
         )
-        job_id, state = await submit_job(engine, dispatcher, user, payload)
+        job_id, state = await submit_job(
+            engine, dispatcher, user, payload, address=forms.client_address(request)
+        )
     except JobBalancerError as exc:
         values = {"name": script.name, "interpreter": script.interpreter}
         values.update(body=script.body, **form.values())
@@ -204,8 +206,5 @@ async def run_script(
         return await _render_form(
             request, engine, user, script, values, errors, exc.status_code
         )
-    await forms.record(
-        request, user, "script.run", f"script {script.name}", f"job {job_id}"
-    )
     message = f"Job {job_id} is {common.state_label(state).lower()}."
     return forms.action_done(request, message, f"/jobs/{job_id}")

@@ -1,7 +1,7 @@
 """Browser sessions: signed cookies, the logged-in user, CSRF tokens and flashes.
 
 The session lives in a signed cookie (Starlette's SessionMiddleware), so it
-holds only the user id, a stamp of the password hash, the CSRF token and
+contains only the user id, a stamp of the password hash, the CSRF token and
 pending flash messages. Each request reloads the user, so disabling or deleting
 a user or changing its password ends its sessions at once.
 """

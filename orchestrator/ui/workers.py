@@ -285,20 +285,20 @@ async def _accept_host_key(
     form: forms.FormInput,
     worker: workers.WorkerRecord,
 ) -> Response:
-    shown = form.text("fingerprint")
+    expected = form.text("fingerprint")
     if not form.confirmed():
         return forms.confirm_page(
             request,
             f"Trust the new host key of {worker.name}?",
-            f"Accept {shown} only if you know why the worker's key changed.",
+            f"Accept {expected} only if you know why the worker's key changed.",
             "Accept host key",
             "/workers",
-            fields={"fingerprint": shown},
+            fields={"fingerprint": expected},
         )
-    await asyncio.to_thread(keys.accept_host_key, engine, worker.name, shown or None)
+    await asyncio.to_thread(keys.accept_host_key, engine, worker.name, expected or None)
     await dispatcher.refresh_workers()
     await forms.record(
-        request, user, "worker.accept_host_key", f"worker {worker.name}", shown
+        request, user, "worker.accept_host_key", f"worker {worker.name}", expected
     )
-    message = f"Worker {worker.name} now trusts host key {shown}."
+    message = f"Worker {worker.name} now trusts host key {expected}."
     return forms.action_done(request, message, "/workers")
