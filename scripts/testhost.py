@@ -287,14 +287,7 @@ class SshHost:
         self._write_config(port)
         self.pid_file_path.unlink(missing_ok=True)
 
-        command = [
-            SSHD_PATH,
-            "-D",
-            "-f",
-            str(self.config_path),
-            "-E",
-            str(self.log_path),
-        ]
+        command = self._sshd_command()
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         # sshd reports some errors, such as a bad config file, on stderr before it
         # opens the -E log file, so stderr is appended to the same file.
@@ -325,6 +318,22 @@ class SshHost:
             self.host,
             port,
         )
+
+    def _sshd_command(self) -> list[str]:
+        """Return the argv that runs sshd in the foreground with this host's files.
+
+        Subclasses may wrap it, for example to run sshd in another network
+        namespace, as long as the wrapper replaces itself with sshd by exec, because
+        start() expects the PID it started to be the sshd that writes the PID file.
+        """
+        return [
+            SSHD_PATH,
+            "-D",
+            "-f",
+            str(self.config_path),
+            "-E",
+            str(self.log_path),
+        ]
 
     def _wait_until_ready(
         self, process: subprocess.Popen[bytes], port: int, log_offset: int
