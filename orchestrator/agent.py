@@ -66,8 +66,8 @@ DEFAULT_MAX_BACKOFF_SECONDS = 5.0
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
 DEFAULT_KILL_GRACE_SECONDS = 3.0
 KILL_CHECK_SECONDS = 0.05
-# The server's watchdog kills the job; the agent's own timer fires this much
-# later and only matters while the server is unreachable.
+# The server's watchdog kills the job. The agent's own timer fires this much
+# later and matters only while the server is unreachable.
 WATCHDOG_MARGIN_SECONDS = 2.0
 STOP_DELIVERY_SECONDS = 10.0
 
@@ -124,7 +124,7 @@ class SpoolBudget:
 
 
 class Frame:
-    """Where one spooled frame ends, for moving the cursor past it."""
+    """The end of one spooled frame, used to move the cursor past it."""
 
     __slots__ = ("stream", "end", "segment", "position", "length")
 
@@ -151,14 +151,18 @@ class JobOutput:
         self.pending_bytes = 0
         self._lock = threading.Lock()
         self._segments: list[int] = []
+        self._discarded = False
         self._cursor = (0, 0)
         self._write_file: Any = None
         self._write_size = 0
 
     def append(self, stream: int, data: bytes) -> None:
-        """Spool output of one stream; waits while the spool is full."""
+        """Spool output of one stream, waiting while the spool is full."""
         self.budget.reserve(len(data))
         with self._lock:
+            if self._discarded:
+                self.budget.release(len(data))
+                return
             if self._write_file is None or self._write_size >= SEGMENT_BYTES:
                 self._open_segment()
             header = FRAME_HEADER.pack(stream, self.produced[stream], len(data))
@@ -169,7 +173,7 @@ class JobOutput:
             self.pending_bytes += len(data)
 
     def read_batch(self, limit: int) -> tuple[bytes, list[Frame]]:
-        """Return frames from the cursor on: at least one, about ``limit`` bytes."""
+        """Return the frames after the cursor: at least one, about ``limit`` bytes."""
         with self._lock:
             body = bytearray()
             frames: list[Frame] = []
@@ -188,6 +192,8 @@ class JobOutput:
         """Move the cursor past the frames that the server has stored."""
         released = 0
         with self._lock:
+            if self._discarded:
+                return
             for stream, offset in stored.items():
                 self.acknowledged[stream] = max(self.acknowledged[stream], offset)
             for frame in frames:
@@ -212,6 +218,18 @@ class JobOutput:
             if self._write_file is not None:
                 self._write_file.close()
                 self._write_file = None
+
+    def discard(self) -> None:
+        """Stop spooling and give back the budget of what was not delivered."""
+        with self._lock:
+            if self._discarded:
+                return
+            self._discarded = True
+            pending, self.pending_bytes = self.pending_bytes, 0
+            if self._write_file is not None:
+                self._write_file.close()
+                self._write_file = None
+        self.budget.release(pending)
 
     def load(self) -> None:
         """Rebuild the offsets from the segments left by an earlier agent process."""
@@ -275,7 +293,7 @@ class JobOutput:
                 position += FRAME_HEADER.size + length
                 self.produced[stream] = max(self.produced[stream], offset + length)
                 self.pending_bytes += length
-        # A frame cut short by a crash is dropped; it was never acknowledged.
+        # A frame cut short by a crash is dropped, because it was never acknowledged.
         if path.stat().st_size != position:
             with open(path, "r+b") as handle:
                 handle.truncate(position)
@@ -313,6 +331,7 @@ class Job:
             self.error = "killed before the agent started it"
             self._record_exit(None, None)
             return
+
         self.phase = STARTED
         self.save()
         try:
@@ -331,6 +350,7 @@ class Job:
             logger.error("Could not start job %d: %s", self.id, exc)
             self._record_exit(127, None)
             return
+
         self.pgid = process.pid
         self.start_ticks = _start_ticks(process.pid)
         self.save()
@@ -340,6 +360,7 @@ class Job:
             _thread(self._read, f"job-{self.id}-stderr", process.stderr, STDERR),
         ]
         _thread(self._wait, f"job-{self.id}-wait", process, readers)
+
         watchdog = self.payload.get("watchdog")
         if watchdog:
             delay = float(watchdog) + WATCHDOG_MARGIN_SECONDS
@@ -467,9 +488,9 @@ class ServerClient:
         body: bytes | None = None,
         timeout: float = REQUEST_TIMEOUT_SECONDS,
     ) -> tuple[int, Any]:
-        """POST JSON or raw bytes; return the status and the decoded JSON answer.
+        """POST JSON or raw bytes and return the status and the decoded JSON body.
 
-        Raises RequestError for network failures, 5xx answers and rejected
+        Raises RequestError for network failures, 5xx responses and rejected
         tokens, which the caller retries after a pause.
         """
         content_type = "application/octet-stream"
@@ -483,11 +504,11 @@ class ServerClient:
             answer = {"detail": data[:200].decode(errors="replace")}
         if status >= 500 or status in (401, 403, 429):
             detail = answer.get("detail") if isinstance(answer, dict) else None
-            raise RequestError(f"server answered {status}: {detail or 'no detail'}")
+            raise RequestError(f"server returned {status}: {detail or 'no detail'}")
         return status, answer
 
     def close(self) -> None:
-        """Close the connection; the next request opens a new one."""
+        """Close the connection, so that the next request opens a new one."""
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -509,8 +530,8 @@ class ServerClient:
                 data = response.read()
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                # A kept-alive connection that the server closed fails at once;
-                # every request is safe to repeat, so retry it on a new one.
+                # A kept-alive connection that the server closed fails at once.
+                # Every request is safe to repeat, so retry it on a new one.
                 if reused and attempt == 1 and not isinstance(exc, socket.timeout):
                     continue
                 raise RequestError(f"{type(exc).__name__}: {exc}") from exc
@@ -651,7 +672,8 @@ class Agent:
 
         Their pipes died with that process, so a job that was still running is
         killed (when its process group is verifiably the same) and reported as
-        interrupted. Its spooled output is delivered first.
+        interrupted, after its spooled output. A job that was never started is
+        forgotten: the server offers it again, or has recorded it as lost.
         """
         for directory in sorted((self.spool / "jobs").iterdir()):
             try:
@@ -659,6 +681,9 @@ class Agent:
                 job = Job(self, state["payload"], directory)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.error("Removing unreadable spool folder %s: %s", directory, exc)
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            if state.get("phase") == ACCEPTING:
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
             job.output.load()
@@ -671,11 +696,9 @@ class Agent:
                 job.output.produced.update(
                     {int(k): v for k, v in (state.get("produced") or {}).items()}
                 )
-            elif state.get("phase") == STARTED:
+            else:
                 _kill_orphaned_group(state)
                 job.error = "the agent restarted while the job ran"
-            else:
-                job.error = "the agent restarted before it started the job"
             job.phase = ENDED
             job.save()
             self.jobs[job.id] = job
@@ -716,11 +739,11 @@ class Agent:
                 backoff.failed(exc)
                 continue
             backoff.succeeded()
-            self._handle_answer(answer)
+            self._handle_poll_response(answer)
 
     def _poll(self) -> dict[str, Any]:
         with self._lock:
-            held = [
+            listed = [
                 {
                     "id": job.id,
                     "delivery": job.delivery,
@@ -737,7 +760,7 @@ class Agent:
             "hostname": self.hostname,
             "version": PROTOCOL_VERSION,
             "wait": self.args.poll_seconds,
-            "jobs": held,
+            "jobs": listed,
             "killed": killed,
         }
         timeout = self.args.poll_seconds + REQUEST_TIMEOUT_SECONDS
@@ -745,10 +768,10 @@ class Agent:
             "/api/v1/agent/poll", body, timeout=timeout
         )
         if status != 200 or not isinstance(answer, dict):
-            raise RequestError(f"poll answered {status}: {answer}")
+            raise RequestError(f"poll returned {status}: {answer}")
         return answer
 
-    def _handle_answer(self, answer: dict[str, Any]) -> None:
+    def _handle_poll_response(self, answer: dict[str, Any]) -> None:
         for request in answer.get("kill") or []:
             job = self.jobs.get(int(request["id"]))
             if job is not None and not job.dropped:
@@ -766,8 +789,8 @@ class Agent:
         with self._lock:
             job = self.jobs.get(job_id)
         if job is not None:
-            # An offer is repeated until the server has our acceptance; a job
-            # that is already accepted or another delivery is never started again.
+            # The server repeats an offer until it has our acceptance. A job that
+            # is accepted already, or another delivery of it, never starts again.
             if job.delivery == str(payload["delivery"]) and job.phase == ACCEPTING:
                 self._accept(job)
             return
@@ -793,7 +816,7 @@ class Agent:
             job.start()
             return
         logger.warning(
-            "Not starting job %d: the server answered %d: %s",
+            "Not starting job %d: the server returned %d: %s",
             job.id,
             status,
             answer.get("detail") if isinstance(answer, dict) else answer,
@@ -823,8 +846,7 @@ class Agent:
         with self._lock:
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
-        job.output.close()
-        self.budget.release(job.output.pending_bytes)
+        job.output.discard()
         shutil.rmtree(job.directory, ignore_errors=True)
 
     # Sending
@@ -879,7 +901,7 @@ class Agent:
             self._batch_limit //= 2
             logger.warning("Output batches now hold %d bytes", self._batch_limit)
             return True
-        self._handle_refusal(job, status, answer)
+        self._handle_rejection(job, status, answer)
         return False
 
     def _send_finish(self, job: Job) -> None:
@@ -889,16 +911,16 @@ class Agent:
             logger.info("Server recorded job %d as %s", job.id, answer.get("state"))
             self._remove(job)
             return
-        self._handle_refusal(job, status, answer)
+        self._handle_rejection(job, status, answer)
 
-    def _handle_refusal(self, job: Job, status: int, answer: Any) -> None:
+    def _handle_rejection(self, job: Job, status: int, answer: Any) -> None:
         detail = answer.get("detail") if isinstance(answer, dict) else answer
         if status in (404, 410):
             logger.warning("Dropping job %d: %s", job.id, detail)
             self._drop(job.id)
             return
-        # 409 and other answers: the server is not ready for this job yet.
-        logger.debug("Job %d waits: the server answered %d: %s", job.id, status, detail)
+        # 409 and other statuses mean that the server is not ready for the job yet.
+        logger.debug("Job %d waits: the server returned %d: %s", job.id, status, detail)
 
     def _interrupt_jobs(self) -> None:
         with self._lock:
@@ -977,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-backoff",
         type=float,
         default=DEFAULT_MAX_BACKOFF_SECONDS,
-        help="longest pause in seconds between retries when the server is "
+        help="maximum pause in seconds between retries when the server is "
         "unreachable (default: 5)",
     )
     parser.add_argument(
@@ -1030,7 +1052,9 @@ def _read_token(args: argparse.Namespace) -> str:
     if args.token_file:
         token = Path(args.token_file).expanduser().read_text().strip()
     if not token:
-        raise ValueError(f"no token: pass --token, --token-file or set {TOKEN_ENV}")
+        raise ValueError(
+            f"missing token: pass --token, --token-file or set {TOKEN_ENV}"
+        )
     return token
 
 
@@ -1095,7 +1119,7 @@ def _start_ticks(pid: int) -> str | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 22 is the start time; the fields after the command name start at 3.
+    # Field 22 is the start time, and the fields after the command name start at 3.
     fields = text[text.rfind(")") + 2 :].split()
     return fields[19] if len(fields) > 19 else None
 

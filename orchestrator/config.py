@@ -74,6 +74,12 @@ DEFAULT_CONFIG_TEXT = """\
 # Seconds without a poll from a pull agent before its worker goes offline.
 # Its running jobs then end "lost" unless it returns within reattach_grace_seconds.
 # agent_heartbeat_timeout_seconds = 30
+
+# Bearer token that GET /metrics (Prometheus) accepts; admin API keys work too.
+# metrics_token = ""
+
+# Serve /metrics without credentials; applies only while metrics_token is empty.
+# metrics_public = false
 """
 
 
@@ -97,6 +103,8 @@ class Settings(BaseModel):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     agent_heartbeat_timeout_seconds: float = Field(default=30, gt=0)
+    metrics_token: str = ""
+    metrics_public: bool = False
     config_path: Path | None = None
 
     def resolved_database_url(self) -> str:

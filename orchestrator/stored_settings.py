@@ -36,6 +36,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy"
         )
     clean["strategy"] = strategy
+
     liveness = _number(values, "liveness_interval_seconds")
     if liveness < MIN_LIVENESS_INTERVAL_SECONDS:
         raise InvalidInputError(
@@ -44,6 +45,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             field="liveness_interval_seconds",
         )
     clean["liveness_interval_seconds"] = liveness
+
     watchdog = _number(values, "default_watchdog_seconds")
     if watchdog < 0:
         raise InvalidInputError(
@@ -51,6 +53,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             field="default_watchdog_seconds",
         )
     clean["default_watchdog_seconds"] = watchdog
+
     max_log = int(_number(values, "max_log_bytes"))
     if max_log < MIN_LOG_BYTES:
         raise InvalidInputError(

@@ -575,7 +575,7 @@ def change_worker(
 ) -> None:
     """Validate and store every editable field of a worker.
 
-    A new host or port forgets the recorded host key, so the next connection
+    A new host or port clears the recorded host key, so the next connection
     records the new host's key on first contact.
     """
     _validate_worker(name, transport, host, port, max_jobs, max_sessions)

@@ -1,8 +1,9 @@
 """Routes under /api/v1/agent that pull agents call with their worker token.
 
-Status codes tell the agent what to do: 200 done; 401 or 403 a wrong token;
-409 try again later (or, for accept, do not start the job); 410 the job has
-ended here, so kill it and drop its output; 413 send smaller batches.
+The status code gives the agent its next step. 200 means done, and 401 or 403
+a wrong token. 409 means try again later, except for accept, where it means do
+not start the job. 410 means that the job has ended here, so the agent kills it
+and drops its output. 413 means send smaller batches.
 """
 
 import asyncio
@@ -46,7 +47,7 @@ class HeldJob(BaseModel):
 
 
 class PollRequest(BaseModel):
-    """A heartbeat that also asks for work."""
+    """A heartbeat that also requests work."""
 
     instance: str = Field(min_length=1, max_length=64)
     seq: int = Field(ge=0, description="Increases with every poll of one instance")
@@ -70,7 +71,7 @@ class AcceptRequest(BaseModel):
 
 
 class FinishRequest(BaseModel):
-    """How a job ended on the agent, sent after all of its output."""
+    """The end of a job on the agent, sent after all of its output."""
 
     delivery: str = Field(max_length=64)
     exit_code: int | None = None
@@ -113,11 +114,11 @@ async def poll(body: PollRequest, agent: AgentDep) -> dict[str, Any]:
     there is something new for the agent.
     """
     agent.heartbeat(body.instance, body.hostname)
-    held = {job.id: (job.delivery, job.started) for job in body.jobs}
-    drops = await agent.reconcile(held, set(body.killed), body.instance, body.seq)
+    agent_jobs = {job.id: (job.delivery, job.started) for job in body.jobs}
+    drops = await agent.reconcile(agent_jobs, set(body.killed), body.instance, body.seq)
     if not drops:
         await agent.wait_for_news(agent.hold_seconds(body.wait))
-    return agent.answer(drops)
+    return agent.poll_response(drops)
 
 
 @router.post("/jobs/{job_id}/accept")
@@ -179,16 +180,22 @@ async def finish_job(
     engine: deps.EngineDep,
     dispatcher: deps.DispatcherDep,
 ) -> dict[str, Any]:
-    """Record how the job ended, once it has been stored; repeating it is safe."""
+    """Record how the job ended and return its state; repeating it is safe.
+
+    The response comes after the dispatcher has stored the end (or queued the
+    job for another attempt), so the agent may then delete its copy.
+    """
     agent.heartbeat()
     execution = agent.executions.get(job_id)
     if execution is not None and execution.delivery == body.delivery:
+        running = dispatcher.running.get(job_id)
         execution.resolve(_exit_result(execution, body))
+        if running is not None and running.task is not None:
+            await asyncio.wait({running.task}, timeout=FINISH_WAIT_SECONDS)
     else:
         await _require_running_here(engine, agent, job_id, body.delivery, True)
-    await dispatcher.wait_for_end(job_id, FINISH_WAIT_SECONDS)
     row = await asyncio.to_thread(jobs.get_job_row, engine, job_id)
-    if row.state not in jobs.FINAL_STATES:
+    if row.state == jobs.RUNNING and row.worker_id == agent.worker_id:
         raise ConflictError(f"job {job_id} is still being recorded: try again")
     return {"id": job_id, "state": row.state}
 
@@ -247,7 +254,7 @@ async def _require_running_here(
     """Raise 410 when the job has ended, belongs elsewhere or was offered again.
 
     With ``ended_ok`` a job that has ended on this worker passes, so that a
-    repeated finish report is answered like the first one.
+    repeated finish report gets the same response as the first one.
     """
     execution = agent.executions.get(job_id)
     if execution is not None and execution.delivery != delivery:

@@ -3,14 +3,14 @@
 The agent (``orchestrator/agent.py``) long-polls the server. A job started here
 waits in the worker's mailbox as an offer, named by the run id of its attempt,
 until the agent accepts it. The agent runs a job only after the server has
-confirmed its acceptance and never starts a run id twice, so a lost answer never
-makes a job run twice. Output arrives as chunks tagged with a stream and a byte
+confirmed its acceptance and never starts a run id twice, so a lost response
+never makes a job run twice. Output arrives as chunks tagged with a stream and a byte
 offset, so a chunk that is sent again is skipped. A poll that has nothing to
 return is held open and woken by an ``asyncio.Event`` when a job or a kill
 request comes in, so the agent hears of a kill at once.
 
 After a server restart the dispatcher starts its running jobs again with the
-offsets already stored. The agent lists the jobs it holds in every poll, so an
+offsets already stored. The agent lists the jobs it has in every poll, so an
 offer of a job that it already runs turns into that running job.
 """
 
@@ -38,13 +38,13 @@ from orchestrator.transports.base import (
 logger = logging.getLogger(__name__)
 
 POLL_HOLD_MAX_SECONDS = 20.0
-# A held poll answers before a third of the heartbeat timeout has passed, so a
+# A held poll returns before a third of the heartbeat timeout has passed, so a
 # healthy agent always polls again well inside the timeout.
 POLL_HOLD_FRACTION = 1 / 3
 
 OFFERED = "offered"
 ACCEPTED = "accepted"
-# Killed while offered: the agent's next poll tells whether it holds the job.
+# Killed while offered: the agent's next poll shows whether it has the job.
 WITHDRAWN = "withdrawn"
 
 Flush = Callable[[], Awaitable[None]]
@@ -249,37 +249,39 @@ class AgentTransport:
         execution = self.executions.get(job_id)
         if execution is None or execution.delivery != delivery:
             return False
+        if execution.state == WITHDRAWN:
+            return False
         if execution.state == OFFERED:
             execution.state = ACCEPTED
             execution.accepted_by = (instance, seq)
-        # Accepting the same delivery again answers the same, because the
-        # agent retries when an answer is lost.
+        # Accepting the same delivery again returns True again, because the
+        # agent retries when a response is lost.
         return True
 
     async def reconcile(
         self,
-        held: dict[int, tuple[str, bool]],
+        agent_jobs: dict[int, tuple[str, bool]],
         killed: set[int],
         instance: str,
         seq: int,
     ) -> list[int]:
         """Compare the agent's jobs with ours; return the ids it must drop.
 
-        ``held`` maps the ids of the jobs that the agent runs or still reports
+        ``agent_jobs`` maps the ids of the jobs that the agent runs or still reports
         on to their run id and whether it has started them. An offered job
-        that the agent holds is its own already (it ran before a server
+        that the agent lists is its own already (it ran before a server
         restart, or its acceptance got lost). An accepted job that it no longer
-        holds has been lost on its side. A job that it holds and we do not
+        lists has been lost on its side. A job that it lists and we do not
         track has ended here, so the agent kills it and drops its output.
         """
         if instance == self.instance and seq <= self.last_seq:
             return []
         self.last_seq = seq
-        drops = []
+        drops: list[int] = []
         for execution in list(self.executions.values()):
             if execution.job_id in killed:
                 execution.kill_acknowledged = True
-            delivery, started = held.get(execution.job_id, ("", False))
+            delivery, started = agent_jobs.get(execution.job_id, ("", False))
             if delivery == execution.delivery:
                 if execution.state == WITHDRAWN and not started:
                     drops.append(execution.job_id)
@@ -293,12 +295,12 @@ class AgentTransport:
                 execution.resolve(
                     ExitResult(error="the agent no longer has the job (it restarted)")
                 )
-        unknown = []
-        for job_id, (delivery, _) in held.items():
-            execution = self.executions.get(job_id)
-            if execution is None and job_id not in drops:
+        unknown: list[int] = []
+        for job_id, (delivery, _) in agent_jobs.items():
+            tracked = self.executions.get(job_id)
+            if tracked is None and job_id not in drops:
                 unknown.append(job_id)
-            elif execution is not None and execution.delivery != delivery:
+            elif tracked is not None and tracked.delivery != delivery:
                 drops.append(job_id)
         if unknown:
             drops += await asyncio.to_thread(self._ended_jobs, unknown)
@@ -317,8 +319,8 @@ class AgentTransport:
             except TimeoutError:
                 return
 
-    def answer(self, drops: list[int]) -> dict[str, Any]:
-        """Build a poll answer: offered jobs, kill requests and jobs to drop."""
+    def poll_response(self, drops: list[int]) -> dict[str, Any]:
+        """Build the response to a poll: offered jobs, kills and jobs to drop."""
         executions = list(self.executions.values())
         return {
             "jobs": [e.payload for e in executions if e.state == OFFERED],
@@ -328,7 +330,6 @@ class AgentTransport:
                 if e.kill_grace is not None
             ],
             "drop": drops,
-            "heartbeat_timeout": self.hub.settings.agent_heartbeat_timeout_seconds,
         }
 
     def hold_seconds(self, requested: float) -> float:
@@ -380,8 +381,8 @@ class AgentTransport:
                 ended.append(job_id)
                 continue
             # A running job of this worker that we do not track is about to be
-            # recorded as ended, or not yet started again after a restart; a
-            # later poll settles it.
+            # recorded as ended, or is not started again yet after a restart.
+            # A later poll settles it.
             if row.state != jobs.RUNNING or row.worker_id != self.worker_id:
                 ended.append(job_id)
         return ended

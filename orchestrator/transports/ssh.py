@@ -40,6 +40,10 @@ STATUS_NO_FOLDER = 252
 STATUS_NO_SUPERVISOR = 253
 STATUS_NO_RC = 254
 INFRA_STATUSES = (STATUS_NO_FOLDER, STATUS_NO_SUPERVISOR, STATUS_NO_RC)
+# The run script prints this line on stdout and stderr right before the job's
+# output. Anything earlier comes from the login shell's start-up files (a
+# .bashrc that prints) and is dropped.
+STREAM_MARKER = b"jobbalancer-output-follows-7f3a"
 
 # A job runs detached from the SSH channel, so it survives a dropped connection
 # or a restarted server. A supervisor, orphaned at once into its own session,
@@ -83,6 +87,8 @@ else
   done
   s=$(cat "$d/supervisor")
 fi
+echo {marker}
+echo {marker} >&2
 tail -c +{out_start} -s {poll} -f --pid="$s" "$d/out" &
 t=$!
 tail -c +{err_start} -s {poll} -f --pid="$s" "$d/err" >&2
@@ -199,6 +205,7 @@ class SshTransport:
         command = RUN_SCRIPT.format(
             run_dir=run_dir(spec),
             command=shlex.quote(remote),
+            marker=STREAM_MARKER.decode(),
             out_start=offsets[0] + 1,
             err_start=offsets[1] + 1,
             poll=FOLLOW_POLL_SECONDS,
@@ -579,12 +586,41 @@ class SshExecution:
         return ExitResult(error=reasons[status])
 
     async def _pump(self, reader: Any, stream: int, index: int) -> None:
+        data = await self._skip_preamble(reader, stream)
+        # An empty remainder means the marker ended its read, not end of stream.
+        while data is not None:
+            if data:
+                self.offsets[index] += len(data)
+                await self._sink(stream, data)
+            data = await reader.read(READ_BYTES) or None
+
+    async def _skip_preamble(self, reader: Any, stream: int) -> bytes | None:
+        """Drop what precedes the stream marker; return the bytes after it.
+
+        Returns None when the stream ends before the marker.
+        """
+        buffer = b""
         while True:
             data = await reader.read(READ_BYTES)
             if not data:
-                return
-            self.offsets[index] += len(data)
-            await self._sink(stream, data)
+                if buffer:
+                    logger.debug(
+                        "Stream %d ended before the marker: %r", stream, buffer
+                    )
+                return None
+            buffer += data
+            position = buffer.find(STREAM_MARKER + b"\n")
+            if position >= 0:
+                if position:
+                    logger.debug(
+                        "Dropped %d bytes of login shell output on stream %d",
+                        position,
+                        stream,
+                    )
+                return buffer[position + len(STREAM_MARKER) + 1 :]
+            # Keep only a tail long enough to hold a marker split across reads.
+            if len(buffer) > 1 << 20:
+                buffer = buffer[-(len(STREAM_MARKER) + 1) :]
 
 
 def status_result(status: int) -> ExitResult:

@@ -143,6 +143,7 @@ async def login(request: Request, form: forms.CheckedForm) -> Response:
     name = form.text("username", max_length=64)
     password = str(form.form.get("password") or "")
     target = safe_target(form.text("next"))
+
     throttle: LoginThrottle = request.app.state.login_throttle
     address = request.client.host if request.client else "unknown"
     wait = throttle.retry_after(name, address)
@@ -153,6 +154,7 @@ async def login(request: Request, form: forms.CheckedForm) -> Response:
         return await _render_login(
             request, target, name=name, errors=errors, status_code=429
         )
+
     engine: Engine = request.app.state.engine
     found = await asyncio.to_thread(_verify, engine, name, password)
     if found is None:
@@ -167,6 +169,7 @@ async def login(request: Request, form: forms.CheckedForm) -> Response:
         return await _render_login(
             request, target, name=name, errors=errors, status_code=401
         )
+
     user, password_hash = found
     throttle.record_success(name)
     session.start_login(request.session, user, password_hash)

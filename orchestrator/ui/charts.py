@@ -53,7 +53,7 @@ def nice_ceiling(value: int) -> int:
     """Round up to 1, 2 or 5 times a power of ten, for an axis maximum."""
     if value <= 1:
         return 1
-    power = 10 ** math.floor(math.log10(value))
+    power = int(10 ** math.floor(math.log10(value)))
     for step in (1, 2, 5, 10):
         if value <= step * power:
             return step * power
@@ -69,6 +69,7 @@ def day_chart(bars: list[DayBar]) -> Markup:
     height = DAY_CHART_HEIGHT - top - bottom
     maximum = nice_ceiling(max(bar.total for bar in bars))
     slot = width / len(bars)
+
     parts = [_svg_open(DAY_CHART_WIDTH, DAY_CHART_HEIGHT, "Jobs per day", "days")]
     ticks = _tick_count(maximum)
     for tick in range(ticks + 1):
@@ -80,6 +81,7 @@ def day_chart(bars: list[DayBar]) -> Markup:
             f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" '
             f'text-anchor="end">{value:g}</text>'
         )
+
     for index, bar in enumerate(bars):
         x = left + index * slot + slot * 0.15
         parts.append(_day_bar(bar, x, slot * 0.7, top + height, height / maximum))

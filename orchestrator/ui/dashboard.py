@@ -25,7 +25,7 @@ RATE_SCAN_DAYS = 7
 RATE_STATES = ("succeeded", "failed", "timed_out", "lost")
 WORKER_STATES = ("online", "draining", "offline", "disabled")
 # Counts of days before today change only when old jobs end or are deleted, so
-# they are cached this long; today's counts are read on every load. On SQLite
+# they are cached this long. Today's counts are read on every load. On SQLite
 # with 500,000 jobs in the window, the uncached query took about 2 s (2 CPUs).
 PAST_DAYS_CACHE_SECONDS = 300
 

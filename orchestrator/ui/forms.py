@@ -186,7 +186,7 @@ def confirm_page(
 
 
 def client_address(request: Request) -> str | None:
-    """Return the browser's address as the server sees it."""
+    """Return the client's IP address, or None when the server has none."""
     return request.client.host if request.client else None
 
 
