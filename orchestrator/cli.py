@@ -5,6 +5,8 @@ import getpass
 import json
 import logging
 import os
+import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     except httpx.HTTPError as exc:
         print(f"jobbalancer: request failed: {exc}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:
+        # The reader of our output went away (jobbalancer jobs | head).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +226,7 @@ def _engine(args: argparse.Namespace) -> Any:
     engine = db.create_db_engine(settings.resolved_database_url())
     db.upgrade_schema(engine)
     workers.ensure_defaults(engine)
+    _restrict_files(settings)
     return engine
 
 
@@ -243,6 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    _check_port_free(settings.host, settings.port)
     engine = _engine(args)
     _bootstrap_admin(engine, settings)
     engine.dispose()
@@ -263,6 +272,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=False,
         **tls,  # type: ignore[arg-type]
     )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exit with a clear message when the listen address is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise config.ConfigError(f"invalid listen address {host!r}: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise config.ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; is another "
+                "server running? Pick another port with --port"
+            ) from exc
+
+
+def _restrict_files(settings: config.Settings) -> None:
+    """Make the data folder, the SQLite file and the config readable by us only."""
+    data = settings.data_path()
+    paths = [data, data / "jobbalancer.db"]
+    if settings.config_path is not None:
+        paths.append(settings.config_path)
+    for path in paths:
+        if path.exists():
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def _bootstrap_admin(engine: Any, settings: config.Settings) -> None:
@@ -404,7 +442,9 @@ def cmd_submit(args: argparse.Namespace) -> None:
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not words:
         raise config.ConfigError("no command given: jobbalancer submit -- COMMAND...")
-    command = words[0] if len(words) == 1 else " ".join(words)
+    # One word is a shell command line as typed; several words are argv, so
+    # each is quoted and `submit -- sh -c 'echo a; echo b'` keeps its meaning.
+    command = words[0] if len(words) == 1 else shlex.join(words)
     payload: dict[str, Any] = {"command": command, "need_realtime": args.realtime}
     if args.watchdog is not None:
         payload["watchdog"] = args.watchdog

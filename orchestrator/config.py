@@ -140,6 +140,8 @@ def load_settings(path: Path | None = None, *, create: bool = True) -> Settings:
         path.parent.mkdir(parents=True, exist_ok=True)
         data_dir = Settings().data_dir
         path.write_text(DEFAULT_CONFIG_TEXT.format(data_dir=data_dir))
+        # The file may come to hold a database password.
+        path.chmod(0o600)
         logger.info("Wrote default configuration to %s", path)
     values: dict[str, object] = {}
     if path.exists():

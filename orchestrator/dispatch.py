@@ -103,6 +103,7 @@ class Dispatcher:
         self.strategy = settings.strategy
         self.on_job_finished: list[Callable[[int, str], None]] = []
         self.agents = AgentHub(engine, settings, self._agent_polled)
+        self.inserter = jobs.JobInserter(engine)
 
     async def start(self) -> None:
         """Load workers and unfinished jobs, then start the background loops."""
@@ -145,15 +146,11 @@ class Dispatcher:
                 finished_at=utcnow(),
                 reason="no free worker slot and need_realtime was set",
             )
-            spec.id = await db.retrying(
-                jobs.insert_job, self.engine, values, audit_entry
-            )
+            spec.id = await self.inserter.insert(values, audit_entry)
             return jobs.OCCUPIED
         if worker is None:
             values.update(state=jobs.WAITING)
-            spec.id = await db.retrying(
-                jobs.insert_job, self.engine, values, audit_entry
-            )
+            spec.id = await self.inserter.insert(values, audit_entry)
             self.queues.setdefault(spec.class_id, deque()).append(spec)
             # A slot may have freed while the row was being written.
             self._pump(spec.class_id)
@@ -163,13 +160,21 @@ class Dispatcher:
             values.update(
                 state=jobs.RUNNING, worker_id=worker.record.id, started_at=utcnow()
             )
-            spec.id = await db.retrying(
-                jobs.insert_job, self.engine, values, audit_entry
-            )
+            spec.id = await self.inserter.insert(values, audit_entry)
         finally:
             worker.reserved -= 1
         self._launch(spec, worker, marked=True)
         return jobs.RUNNING
+
+    def class_has_usable_worker(self, class_id: int) -> bool:
+        """Return whether an enabled, online, not draining worker is in a class."""
+        return any(
+            w.record.class_id == class_id
+            and w.record.enabled
+            and not w.record.draining
+            and w.state == "online"
+            for w in self.workers.values()
+        )
 
     def _choose_worker(
         self, class_id: int, avoid: int | None = None
@@ -659,9 +664,8 @@ class Dispatcher:
         worker.checking = True
         try:
             timeout = self.settings.ssh_connect_timeout_seconds * 2
-            await asyncio.wait_for(
-                worker.transport.check(), timeout + CHECK_TIMEOUT_MARGIN_SECONDS
-            )
+            async with asyncio.timeout(timeout + CHECK_TIMEOUT_MARGIN_SECONDS):
+                await worker.transport.check()
         except (TransportError, TimeoutError) as exc:
             reason = str(exc) or "liveness check timed out"
             if isinstance(exc, HostKeyChangedError):

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
 
-from orchestrator import db, models
+from orchestrator import db, metrics, models
 from orchestrator.transports.base import STDERR
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class OutputWriter:
             self._pending = []
             self._pending_bytes = 0
             await db.retrying(_insert_chunks, self._engine, rows)
+            metrics.OUTPUT_BYTES.inc(sum(len(row["data"]) for row in rows))
 
     async def close(self) -> None:
         """Flush what is left and wake the listeners."""

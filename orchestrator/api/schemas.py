@@ -2,7 +2,12 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 
 MAX_COMMAND_BYTES = 2 << 20
 MAX_PARAMS = 250_000
@@ -40,6 +45,7 @@ class JobCreate(BaseModel):
     watchdog: float | None = Field(
         default=None,
         ge=0,
+        allow_inf_nan=False,
         description="Seconds before the job is killed; 0 is no limit",
     )
     workerClassId: int | str | None = Field(
@@ -88,6 +94,15 @@ class JobCreate(BaseModel):
     def _command_size(cls, value: str | None) -> str | None:
         if value is not None and len(value.encode()) > MAX_COMMAND_BYTES:
             raise ValueError(f"must be at most {MAX_COMMAND_BYTES} bytes")
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL bytes, which no shell accepts")
+        return value
+
+    @field_validator("watchdog", mode="before")
+    @classmethod
+    def _watchdog_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number of seconds, not true or false")
         return value
 
     @field_validator("params")

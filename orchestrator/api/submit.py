@@ -3,6 +3,8 @@
 import asyncio
 import json
 import logging
+import time
+import weakref
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,6 +20,7 @@ from orchestrator.api.schemas import JobCreate
 from orchestrator.config import Settings
 from orchestrator.dispatch import Dispatcher
 from orchestrator.exceptions import (
+    ConflictError,
     InvalidInputError,
     InvalidJsonError,
     NotFoundError,
@@ -30,6 +33,11 @@ from orchestrator.transports.base import STDERR, STDOUT
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["jobs"])
+
+CLASS_CACHE_SECONDS = 5.0
+_class_cache: weakref.WeakKeyDictionary[
+    Engine, dict[str | int | None, tuple[tuple[int, str], float]]
+] = weakref.WeakKeyDictionary()
 
 MESSAGES = {
     jobs.RUNNING: "Job {id} is running",
@@ -76,7 +84,7 @@ async def add_job(
     )
     answer: dict[str, Any] = {
         "result": state != jobs.OCCUPIED,
-        "message": MESSAGES.get(state, "Job {id} is {state}").format(
+        "message": MESSAGES.get(state, "Job {id} has ended: {state}").format(
             id=job_id, state=state
         ),
         "id": job_id,
@@ -84,6 +92,13 @@ async def add_job(
         "url": f"/api/v1/jobs/{job_id}",
         "log_url": f"/api/v1/jobs/{job_id}/log",
     }
+    if state in (jobs.WAITING, jobs.OCCUPIED):
+        class_id, class_name = await _resolve_class(engine, payload.workerClassId)
+        if not dispatcher.class_has_usable_worker(class_id):
+            answer["warning"] = (
+                f"no enabled worker in class {class_name!r} is online: add or "
+                "enable one (jobbalancer worker list), or submit to another class"
+            )
     if payload.wait and state != jobs.OCCUPIED:
         await dispatcher.wait_for_end(job_id, payload.waitTimeout)
         answer.update(await _final_answer(engine, settings, job_id))
@@ -94,7 +109,7 @@ async def _parse_payload(request: Request) -> JobCreate:
     body = await request.body()
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidJsonError(
             "the request body is not valid JSON: send a JSON object such as "
             '{"command": "echo hello"}',
@@ -129,11 +144,9 @@ async def submit_job(
             jobs.find_by_idempotency_key, engine, user.id, idempotency_key
         )
         if existing is not None:
-            return existing
+            return _replay(existing, payload, idempotency_key)
     script = await _check_request(engine, user, payload)
-    class_id, class_name = await asyncio.to_thread(
-        workers.resolve_class, engine, payload.workerClassId
-    )
+    class_id, class_name = await _resolve_class(engine, payload.workerClassId)
     if user.allowed_classes is not None and class_name not in user.allowed_classes:
         raise PermissionDeniedError(
             f"user {user.name!r} may not use worker class {class_name!r}",
@@ -160,7 +173,7 @@ async def submit_job(
         )
         if found is None:
             raise
-        return found
+        return _replay(found, payload, idempotency_key or "")
     logger.info(
         "Job %d submitted by %s: %s",
         spec.id,
@@ -169,6 +182,37 @@ async def submit_job(
         extra={"event": "job_submitted", "job": spec.id, "user": user.name},
     )
     return spec.id, state
+
+
+def _replay(
+    existing: tuple[int, str, tuple[Any, ...]], payload: JobCreate, key: str
+) -> tuple[int, str]:
+    """Return the job a repeated request created, or reject a different request."""
+    job_id, state, request = existing
+    params = payload.param_list() if payload.scriptId is not None else None
+    if request != (payload.command, payload.scriptId, params):
+        raise ConflictError(
+            f"Idempotency-Key {key!r} was used for job {job_id} with a different "
+            "command, script or params: use a new key for a new job",
+            field="idempotencyKey",
+        )
+    return job_id, state
+
+
+async def _resolve_class(engine: Engine, ref: str | int | None) -> tuple[int, str]:
+    """Resolve a worker class reference, from a short-lived cache when possible.
+
+    The cache spares a query per submission. NOTE: a renamed class keeps
+    answering to its old name for up to CLASS_CACHE_SECONDS.
+    """
+    cache = _class_cache.setdefault(engine, {})
+    now = time.monotonic()
+    cached = cache.get(ref)
+    if cached is not None and cached[1] > now:
+        return cached[0]
+    resolved = await asyncio.to_thread(workers.resolve_class, engine, ref)
+    cache[ref] = (resolved, now + CLASS_CACHE_SECONDS)
+    return resolved
 
 
 async def _check_request(
@@ -182,6 +226,12 @@ async def _check_request(
         )
     if payload.command is not None and not payload.command.strip():
         raise InvalidInputError("command is empty", field="command")
+    if payload.command is not None and payload.params:
+        raise InvalidInputError(
+            "params apply to stored scripts only: send scriptId, or put the "
+            "arguments into command",
+            field="params",
+        )
     if payload.command is not None and not user.allow_commands:
         raise PermissionDeniedError(
             f"user {user.name!r} may run stored scripts only: send scriptId",

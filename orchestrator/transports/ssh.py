@@ -304,9 +304,11 @@ class SshTransport:
 
     async def _check_command(self) -> None:
         try:
-            result = await asyncio.wait_for(
-                self.run_simple("true"), CHECK_TIMEOUT_SECONDS
-            )
+            # asyncio.timeout runs in this task; wait_for would wrap the call in
+            # a task whose failure is never retrieved when the check is
+            # cancelled at the same moment.
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                result = await self.run_simple("true")
         except TimeoutError as exc:
             raise TransportError(
                 f"liveness check timed out after {CHECK_TIMEOUT_SECONDS} s",

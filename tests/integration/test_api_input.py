@@ -15,6 +15,9 @@ CASES = [
     ({"command": "true", "workerClassId": 999}, 422, "workerClassId"),
     ({"command": "true", "params": [["nested"]]}, 422, "params"),
     ({"command": "   "}, 422, "command"),
+    ({"command": "true", "watchdog": True}, 422, "watchdog"),
+    ({"command": "echo a\x00b"}, 422, "command"),
+    ({"command": "true", "params": ["x"]}, 422, "params"),
 ]
 
 
@@ -121,3 +124,35 @@ def test_docs_served_offline(server: Server) -> None:
     assert anonymous_doc.status_code == 401
     assert anonymous_page.status_code == 303
     assert anonymous_page.headers["location"].startswith("/login")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_nested_json_and_reused_key(server: Server) -> None:
+    nested = b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with server.client() as client:
+        deep = client.post("/addJob", content=nested)
+        first = client.post(
+            "/addJob", json={"command": "true"}, headers={"Idempotency-Key": "k"}
+        )
+        different = client.post(
+            "/addJob", json={"command": "false"}, headers={"Idempotency-Key": "k"}
+        )
+    assert deep.status_code == 400
+    assert first.status_code == 200
+    assert different.status_code == 409
+    assert different.json()["field"] == "idempotencyKey"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_warning_when_class_has_no_worker(server: Server) -> None:
+    server.cli("worker", "disable", "local")
+    with server.client() as client:
+        server.wait_worker(client, "local", "disabled")
+        queued = client.post("/addJob", json={"command": "true"}).json()
+        rejected = client.post(
+            "/addJob", json={"command": "true", "need_realtime": True}
+        ).json()
+    assert queued["state"] == "waiting"
+    assert "no enabled worker" in queued["warning"]
+    assert rejected["state"] == "occupied"
+    assert "no enabled worker" in rejected["warning"]

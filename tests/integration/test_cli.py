@@ -94,6 +94,9 @@ def test_client_commands(server: Server) -> None:
     assert b"killed" in killed.stdout
     log = run("log", str(int(job_id) - 1))
     assert log.stdout == b"a\0be\n"
+    argv = run("submit", "--wait", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert argv.returncode == 7
+    assert argv.stdout == b"out\n"
     realtime = run("submit", "--realtime", "--class", "default", "--", "true")
     assert realtime.returncode == 0
     unknown = run("kill", "99999")
@@ -133,3 +136,27 @@ def test_worker_commands(server: Server) -> None:
     bad = server.cli("worker", "add", "nohost", check=False)
     assert bad.returncode == 1
     assert "host is required" in bad.stderr
+
+
+def test_serve_port_taken_and_modes(server: Server) -> None:
+    taken = subprocess.run(
+        [JOBBALANCER, "serve", "--allow-root", "--config", str(server.config)],
+        capture_output=True,
+        text=True,
+        env=server.env(),
+        timeout=60,
+    )
+    assert taken.returncode == 1
+    assert "cannot listen" in taken.stderr
+    data = server.workdir / "data"
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert oct((data / "jobbalancer.db").stat().st_mode & 0o777) == "0o600"
+    piped = subprocess.run(
+        f"{JOBBALANCER} jobs --limit 50 | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=server.env(),
+        timeout=60,
+    )
+    assert "Traceback" not in piped.stderr

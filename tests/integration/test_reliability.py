@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.test_ssh_jobs import kill_detached_job, read_log, use_ssh_worker
+from tests.integration.test_ssh_jobs import kill_detached_job, read_log
 from tests.support.server import FINAL_STATES, Server
 
 COUNTING_JOB = (
@@ -52,8 +52,10 @@ def test_lost_job_retried_elsewhere(server_factory: object, ssh_hosts: list) -> 
     server.add_ssh_worker(ssh_hosts[2], "doomed")
     with server.client() as client:
         server.wait_worker(client, "doomed", "online")
+        # The job must still run when the host goes down, after a CLI call and
+        # a liveness check that take a few seconds on a loaded machine.
         job_id = server.submit(
-            client, command="echo attempt; sleep 3; echo done", retries=1
+            client, command="echo attempt; sleep 8; echo done", retries=1
         )["id"]
         time.sleep(1)
         server.add_ssh_worker(ssh_hosts[0], "healthy")
