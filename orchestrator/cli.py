@@ -246,6 +246,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s"
     )
+    # asyncssh logs each channel and its whole command at INFO, which costs
+    # more CPU than a trivial job, so only its warnings and errors are kept.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
     settings = _settings(args)
     if args.host:
         settings.host = args.host

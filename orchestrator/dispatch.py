@@ -37,6 +37,7 @@ REATTACH_PAUSE_SECONDS = 1.0
 RETRY_MARKER = b"\n[jobbalancer: starting attempt %d after: %s]\n"
 CHECK_TIMEOUT_MARGIN_SECONDS = 5.0
 KILL_WAIT_MARGIN_SECONDS = 15.0
+LAST_SEEN_WRITE_SECONDS = 60.0
 
 
 @dataclass
@@ -50,6 +51,8 @@ class WorkerRuntime:
     running: set[int] = field(default_factory=set)
     reserved: int = 0
     checking: bool = False
+    # Loop time when last_seen_at was last written for this worker.
+    seen_written: float = float("-inf")
 
     def free_slots(self) -> int:
         """Return how many more jobs the worker may take now."""
@@ -686,6 +689,12 @@ class Dispatcher:
     async def _set_online(self, worker: WorkerRuntime) -> None:
         was = worker.state
         worker.state, worker.reason = "online", None
+        # A check that changes nothing refreshes last_seen_at only now and then,
+        # which spares a write per worker and check.
+        now = asyncio.get_running_loop().time()
+        if was == "online" and now - worker.seen_written < LAST_SEEN_WRITE_SECONDS:
+            return
+        worker.seen_written = now
         await db.retrying(
             workers.record_state, self.engine, worker.record.id, "online", None, True
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator import db, models
@@ -107,16 +107,46 @@ def insert_job(
 
 def insert_jobs(engine: Engine, items: list[NewJob]) -> list[int]:
     """Insert job rows with their audit entries in one transaction."""
-    job_ids = []
+    now = utcnow()
     with engine.begin() as conn:
-        for values, audit_entry in items:
-            result = conn.execute(insert(models.jobs).values(**values))
-            job_id = int(result.inserted_primary_key[0])
-            if audit_entry is not None:
-                entry = dict(audit_entry, target=f"job {job_id}", at=utcnow())
-                conn.execute(insert(models.audit_log).values(**entry))
-            job_ids.append(job_id)
+        job_ids = _insert_returning_ids(conn, [values for values, _ in items])
+        entries = [
+            dict(audit_entry, target=f"job {job_id}", at=now)
+            for (_, audit_entry), job_id in zip(items, job_ids, strict=True)
+            if audit_entry is not None
+        ]
+        for group in _same_keys(entries):
+            conn.execute(insert(models.audit_log), group)
     return job_ids
+
+
+def _insert_returning_ids(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert job rows, as one multi-row statement per set of columns when the
+    database returns the new ids in order (SQLite 3.35+, MariaDB 10.5+)."""
+    ordered = conn.dialect.insert_executemany_returning_sort_by_parameter_order
+    job_ids: list[int] = []
+    for group in _same_keys(rows):
+        if len(group) > 1 and ordered:
+            statement = insert(models.jobs).returning(
+                models.jobs.c.id, sort_by_parameter_order=True
+            )
+            job_ids.extend(int(row[0]) for row in conn.execute(statement, group))
+            continue
+        for values in group:
+            result = conn.execute(insert(models.jobs).values(**values))
+            job_ids.append(int(result.inserted_primary_key[0]))
+    return job_ids
+
+
+def _same_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split rows, in order, into runs that set the same columns."""
+    groups: list[list[dict[str, Any]]] = []
+    for row in rows:
+        if groups and groups[-1][0].keys() == row.keys():
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 class JobInserter:
@@ -351,6 +381,7 @@ def list_jobs(
             models.workers, models.workers.c.id == j.c.worker_id
         ).outerjoin(models.users, models.users.c.id == j.c.user_id)
     count_query = select(func.count()).select_from(counted)
+
     with engine.connect() as conn:
         rows = conn.execute(query.limit(limit).offset(offset)).all()
         total = conn.execute(count_query.where(*conditions)).scalar_one()

@@ -619,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         ["mariadb"] if benchkit.mariadb_reachable() else []
     )
     groups = set(args.only or ("server", "baselines", "scale"))
+
     benchkit.ensure_bench_user()
     folder = Path(tempfile.mkdtemp(prefix="jobbalancer-bench-"))
     folder.chmod(0o755)
@@ -627,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     output_file, digest = make_output_file(folder, sizes.output_bytes)
     config = benchkit.write_ssh_config(hosts, folder)
     ctx = Context(sizes, hosts, config, folder, [], output_file, digest)
+
     try:
         _run_all(ctx, args.repeat, backends, groups)
     finally:

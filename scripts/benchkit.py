@@ -231,7 +231,12 @@ def register_workers(
             if names <= online:
                 return
             if time.monotonic() > deadline:
-                raise BenchError(f"workers not online: {sorted(names - online)}")
+                missing = [
+                    f"{w['name']} ({w['state']}: {w['reason']})"
+                    for w in listing
+                    if w["name"] in names - online
+                ]
+                raise BenchError(f"workers not online: {', '.join(missing)}")
             time.sleep(0.2)
 
 

@@ -202,8 +202,8 @@ def _replay(
 async def _resolve_class(engine: Engine, ref: str | int | None) -> tuple[int, str]:
     """Resolve a worker class reference, from a short-lived cache when possible.
 
-    The cache spares a query per submission. NOTE: a renamed class keeps
-    answering to its old name for up to CLASS_CACHE_SECONDS.
+    The cache spares a query per submission. NOTE: a renamed class still
+    resolves by its old name for up to CLASS_CACHE_SECONDS.
     """
     cache = _class_cache.setdefault(engine, {})
     now = time.monotonic()

@@ -17,6 +17,7 @@ def test_metrics_need_token_or_admin_key(tmp_path: Path) -> None:
             job = server.submit(client, command="echo metrics")
             server.wait_job(client, job["id"])
             with_key = client.get("/metrics")
+
         anonymous = httpx.get(f"{server.url}/metrics")
         wrong = httpx.get(
             f"{server.url}/metrics", headers={"Authorization": "Bearer wrong"}
@@ -26,10 +27,12 @@ def test_metrics_need_token_or_admin_key(tmp_path: Path) -> None:
         )
     finally:
         server.stop()
+
     assert anonymous.status_code == 401
     assert wrong.status_code == 401
     assert with_key.status_code == 200
     assert with_token.status_code == 200
+
     text = with_token.text
     assert with_token.headers["content-type"].startswith("text/plain")
     assert 'jobbalancer_jobs{state="succeeded"} 1.0' in text
