@@ -152,3 +152,31 @@ def test_https_with_self_signed_cert(tmp_path: Path) -> None:
         assert all("samesite" in c.lower() for c in session)
     finally:
         server.stop()
+
+
+@sqlite_only
+def test_audit_log_records_actions(server: Server) -> None:
+    with server.client() as client:
+        job = server.submit(client, command="sleep 30")
+        killed = client.post(f"/api/v1/jobs/{job['id']}/kill")
+        assert killed.status_code == 200
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        page = browser.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert token is not None
+        browser.post(
+            "/login",
+            data={
+                "username": "admin",
+                "password": server.admin_password,
+                "csrf_token": token.group(1),
+            },
+        )
+        audit = browser.get("/audit")
+        kills = browser.get("/audit", params={"action": "job.kill"})
+    assert audit.status_code == 200
+    assert "job.submit" in audit.text
+    assert f"job {job['id']}" in audit.text
+    assert "127.0.0.1" in audit.text
+    assert "job.kill" in kills.text
+    assert "job.submit" not in kills.text
