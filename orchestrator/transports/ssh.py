@@ -25,7 +25,8 @@ from orchestrator.transports.base import (
 
 logger = logging.getLogger(__name__)
 
-READ_BYTES = 256 * 1024
+# Output queued from one follower channel before the channel is paused.
+FOLLOW_BUFFER_BYTES = 4 * 1024 * 1024
 CLEANUP_BATCH = 64
 CLEANUP_DELAY_SECONDS = 2.0
 CHECK_TIMEOUT_SECONDS = 10
@@ -72,7 +73,7 @@ p=$!
 echo $p > "$d/pid"
 wait $p
 r=$?
-while kill -0 -- -$p 2>/dev/null; do sleep 0.1; done
+while kill -0 -$p 2>/dev/null; do sleep 0.1; done
 echo $r > "$d/rc.tmp"
 mv "$d/rc.tmp" "$d/rc"' jobbalancer "$d" {command} </dev/null >/dev/null 2>&1 & )
   exec 9>&-
@@ -102,9 +103,9 @@ exit $(cat "$d/rc")
 KILL_SCRIPT = (
     'd={run_dir}; i=0; while [ ! -s "$d/pid" ] && [ $i -lt 50 ]; do '
     'sleep 0.1; i=$((i+1)); done; [ -s "$d/pid" ] || exit 0; '
-    'g=$(cat "$d/pid"); kill -TERM -- -$g 2>/dev/null || exit 0; i=0; '
-    "while [ $i -lt {ticks} ]; do kill -0 -- -$g 2>/dev/null || exit 0; "
-    "sleep 0.1; i=$((i+1)); done; kill -KILL -- -$g 2>/dev/null; exit 0"
+    'g=$(cat "$d/pid"); kill -TERM -$g 2>/dev/null || exit 0; i=0; '
+    "while [ $i -lt {ticks} ]; do kill -0 -$g 2>/dev/null || exit 0; "
+    "sleep 0.1; i=$((i+1)); done; kill -KILL -$g 2>/dev/null; exit 0"
 )
 
 
@@ -213,7 +214,9 @@ class SshTransport:
         for attempt in range(CHANNEL_OPEN_ATTEMPTS):
             pooled = await self._acquire()
             try:
-                process = await pooled.conn.create_process(command, encoding=None)
+                channel, follower = await pooled.conn.create_session(
+                    _FollowerSession, command, encoding=None
+                )
             except asyncssh.ChannelOpenError as exc:
                 # The connection is at sshd's MaxSessions: lower its limit and
                 # try another one, opening a new connection if needed.
@@ -232,8 +235,8 @@ class SshTransport:
                     f"could not start job on {self.target.name}: {exc}",
                     worker=self.target.name,
                 ) from exc
-            process.stdin.write_eof()
-            return SshExecution(self, pooled, process, sink, spec, offsets)
+            channel.write_eof()
+            return SshExecution(self, pooled, channel, follower, sink, spec, offsets)
         raise TransportError(
             f"could not open a session on {self.target.name} after "
             f"{CHANNEL_OPEN_ATTEMPTS} attempts",
@@ -522,6 +525,48 @@ class SshTransport:
             )
 
 
+class _FollowerSession(asyncssh.SSHClientSession[bytes]):
+    """Queue a follower channel's output, pausing the channel when it piles up.
+
+    The sink writes to SQL more slowly than sshd sends, so the channel is paused
+    once FOLLOW_BUFFER_BYTES are queued; sshd then stops after one window.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        self.buffered = 0
+        self.paused = False
+        self.error: Exception | None = None
+        self._channel: asyncssh.SSHClientChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self._channel = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        stream = STDERR if datatype == asyncssh.EXTENDED_DATA_STDERR else STDOUT
+        self.queue.put_nowait((stream, data))
+        self.buffered += len(data)
+        if not self.paused and self.buffered >= FOLLOW_BUFFER_BYTES:
+            self.paused = True
+            assert self._channel is not None
+            self._channel.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.error = exc
+        self.queue.put_nowait(None)
+
+    def consumed(self, size: int) -> None:
+        """Record that queued bytes were handed on, resuming the channel."""
+        self.buffered -= size
+        if self.paused and self.buffered < FOLLOW_BUFFER_BYTES // 2:
+            self.paused = False
+            assert self._channel is not None
+            self._channel.resume_reading()
+
+
 class SshExecution:
     """The channel that launched or follows one job."""
 
@@ -529,36 +574,42 @@ class SshExecution:
         self,
         transport: SshTransport,
         pooled: _PooledConnection,
-        process: asyncssh.SSHClientProcess[bytes],
+        channel: asyncssh.SSHClientChannel[bytes],
+        follower: _FollowerSession,
         sink: OutputSink,
         spec: RunSpec,
         offsets: tuple[int, int],
     ):
         self._transport = transport
         self._pooled = pooled
-        self._process = process
+        self._channel = channel
+        self._follower = follower
         self._sink = sink
         self._spec = spec
         # Bytes of stdout and stderr received so far, including earlier attaches.
         self.offsets = list(offsets)
-        self._pumps = [
-            asyncio.create_task(self._pump(process.stdout, STDOUT, 0)),
-            asyncio.create_task(self._pump(process.stderr, STDERR, 1)),
-        ]
+        # Output before the stream marker on each stream, or None once it passed.
+        self._preamble: dict[int, bytes | None] = {STDOUT: b"", STDERR: b""}
+        self._pump_task = asyncio.create_task(self._pump())
 
     async def wait(self) -> ExitResult:
         """Wait for the channel to close and translate the job's exit status."""
         try:
-            await asyncio.gather(*self._pumps)
-            await self._process.wait_closed()
+            await self._pump_task
+            await self._channel.wait_closed()
         except (OSError, asyncssh.Error) as exc:
             return ExitResult(error=f"connection to worker lost: {exc}")
         finally:
             self._transport._release(self._pooled)
-        if self._process.exit_signal is not None:
-            name = signal_name(self._process.exit_signal[0])
+        if self._follower.error is not None:
+            return ExitResult(
+                error=f"connection to worker lost: {self._follower.error}"
+            )
+        exit_signal = self._channel.get_exit_signal()
+        if exit_signal is not None:
+            name = signal_name(exit_signal[0])
             return ExitResult(error=f"the job's follower ended by {name}")
-        status = self._process.exit_status
+        status = self._channel.get_exit_status()
         if status is None or status == -1:
             return ExitResult(error="connection to worker lost before the job ended")
         if status in INFRA_STATUSES:
@@ -587,42 +638,38 @@ class SshExecution:
         }
         return ExitResult(error=reasons[status])
 
-    async def _pump(self, reader: Any, stream: int, index: int) -> None:
-        data = await self._skip_preamble(reader, stream)
-        # An empty remainder means the marker ended its read, not end of stream.
-        while data is not None:
-            if data:
-                self.offsets[index] += len(data)
-                await self._sink(stream, data)
-            data = await reader.read(READ_BYTES) or None
-
-    async def _skip_preamble(self, reader: Any, stream: int) -> bytes | None:
-        """Drop what precedes the stream marker; return the bytes after it.
-
-        Returns None when the stream ends before the marker.
-        """
-        buffer = b""
+    async def _pump(self) -> None:
         while True:
-            data = await reader.read(READ_BYTES)
-            if not data:
-                if buffer:
-                    logger.debug(
-                        "Stream %d ended before the marker: %r", stream, buffer
-                    )
-                return None
-            buffer += data
-            position = buffer.find(STREAM_MARKER + b"\n")
-            if position >= 0:
-                if position:
-                    logger.debug(
-                        "Dropped %d bytes of login shell output on stream %d",
-                        position,
-                        stream,
-                    )
-                return buffer[position + len(STREAM_MARKER) + 1 :]
-            # Keep only a tail long enough to hold a marker split across reads.
-            if len(buffer) > 1 << 20:
-                buffer = buffer[-(len(STREAM_MARKER) + 1) :]
+            item = await self._follower.queue.get()
+            if item is None:
+                return
+            stream, data = item
+            size = len(data)
+            data = self._strip_preamble(stream, data)
+            if data:
+                self.offsets[stream - 1] += len(data)
+                await self._sink(stream, data)
+            self._follower.consumed(size)
+
+    def _strip_preamble(self, stream: int, data: bytes) -> bytes:
+        """Drop what precedes the stream marker on a stream; return the rest."""
+        pending = self._preamble[stream]
+        if pending is None:
+            return data
+        buffer = pending + data
+        position = buffer.find(STREAM_MARKER + b"\n")
+        if position < 0:
+            # Keep only a tail long enough to hold a marker split across packets.
+            self._preamble[stream] = buffer[-(len(STREAM_MARKER) + 1) :]
+            return b""
+        if position:
+            logger.debug(
+                "Dropped %d bytes of login shell output on stream %d",
+                position,
+                stream,
+            )
+        self._preamble[stream] = None
+        return buffer[position + len(STREAM_MARKER) + 1 :]
 
 
 def status_result(status: int) -> ExitResult:

@@ -237,3 +237,12 @@ def test_large_command_runs(server: Server, ssh_hosts: list) -> None:
         answer = server.submit(client, command=command, wait=True, waitTimeout=30)
     assert answer["state"] == "succeeded", answer
     assert answer["stdout"] == "big-ok\n"
+
+
+def test_job_waits_for_background_children(server: Server, ssh_hosts: list) -> None:
+    use_ssh_worker(server, ssh_hosts[0])
+    command = "(sleep 1; echo late) & echo early"
+    with server.client() as client:
+        answer = server.submit(client, command=command, wait=True, waitTimeout=30)
+    assert answer["state"] == "succeeded", answer
+    assert answer["stdout"] == "early\nlate\n"
