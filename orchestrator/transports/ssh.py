@@ -422,13 +422,15 @@ class SshTransport:
         target = self.target
         options: dict[str, Any] = {
             "port": target.port,
-            "username": target.username or None,
             "connect_timeout": target.connect_timeout_seconds,
             "keepalive_interval": target.keepalive_seconds,
             "keepalive_count_max": 3,
             "agent_path": None,
             "config": [],
         }
+        if target.username:
+            # Without a user name asyncssh logs in as the local user.
+            options["username"] = target.username
         if target.key_error:
             raise TransportError(target.key_error, worker=target.name)
         if target.client_key is not None:
@@ -449,6 +451,11 @@ class SshTransport:
                 f"could not connect to {target.host}:{target.port}: "
                 f"{exc or type(exc).__name__}",
                 worker=target.name,
+            ) from exc
+        except (TypeError, ValueError) as exc:
+            # asyncssh rejects some settings (a bad key file, user name) this way.
+            raise TransportError(
+                f"invalid SSH settings for {target.name}: {exc}", worker=target.name
             ) from exc
         self.reconnects += 1
         # A connect while the pool still has a live connection only widens it.
