@@ -79,7 +79,7 @@ class WorkerRuntime:
 
 @dataclass
 class RunningJob:
-    """A job that holds a slot on a worker."""
+    """A job that occupies a slot on a worker."""
 
     spec: JobSpec
     worker: WorkerRuntime

@@ -35,7 +35,7 @@ NewJob = tuple[dict[str, Any], dict[str, Any] | None]
 
 @dataclass
 class JobSpec:
-    """What the dispatcher needs to place and run one job."""
+    """The fields the dispatcher needs to place and run one job."""
 
     id: int
     class_id: int

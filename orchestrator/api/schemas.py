@@ -12,9 +12,9 @@ from pydantic import (
 MAX_COMMAND_BYTES = 2 << 20
 MAX_PARAMS = 250_000
 MAX_RETRIES = 20
-# Linux refuses an execve whose arguments (strings plus one pointer each) pass
-# ARG_MAX, which is 2 MiB with the default 8 MiB stack; this leaves room for
-# the environment.
+# Linux rejects an execve whose arguments (strings plus one pointer each) pass
+# ARG_MAX, which is 2 MiB with the default 8 MiB stack. Half of that leaves room
+# for the environment.
 MAX_ARGV_BYTES = 1 << 20
 
 

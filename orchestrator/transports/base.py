@@ -35,7 +35,7 @@ class ScriptBody:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What to run: a shell command, or a script with separate arguments."""
+    """A job to run: a shell command, or a script with separate arguments."""
 
     job_id: int
     command: str | None = None
@@ -55,7 +55,7 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class ExitResult:
-    """How a job's process ended, or why the transport lost track of it."""
+    """The end of a job's process, or the reason the transport lost track of it."""
 
     exit_code: int | None = None
     signal: str | None = None

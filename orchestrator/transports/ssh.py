@@ -36,7 +36,7 @@ REMOTE_SCRIPT_DIR = '"${XDG_CACHE_HOME:-$HOME/.cache}/jobbalancer/scripts"'
 REMOTE_RUN_DIR = '"${XDG_CACHE_HOME:-$HOME/.cache}/jobbalancer/run"'
 FOLLOW_POLL_SECONDS = 0.05
 # Channel exit statuses of the run script when it could not launch or follow the
-# job; a job may exit with these too, so they are checked against the rc file.
+# job. A job may exit with these too, so they are checked against the rc file.
 STATUS_NO_FOLDER = 252
 STATUS_NO_SUPERVISOR = 253
 STATUS_NO_RC = 254
@@ -111,7 +111,7 @@ KILL_SCRIPT = (
 
 @dataclass
 class SshTarget:
-    """Where and how to reach one worker."""
+    """The address, account and limits for reaching one worker."""
 
     name: str
     host: str
@@ -131,7 +131,7 @@ class SshTarget:
         """Return how many channels one connection may carry at once.
 
         sshd frees a session slot a little after the channel closes, so a
-        connection kept at its MaxSessions sees "open failed" errors.
+        connection kept at its MaxSessions gets "open failed" errors.
         """
         return max(1, (self.max_sessions * 6) // 10)
 
@@ -307,7 +307,7 @@ class SshTransport:
 
     async def _check_command(self) -> None:
         try:
-            # asyncio.timeout runs in this task; wait_for would wrap the call in
+            # asyncio.timeout runs in this task. wait_for would wrap the call in
             # a task whose failure is never retrieved when the check is
             # cancelled at the same moment.
             async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):

@@ -66,7 +66,7 @@ class Server:
         self.verify: Any = True
 
     def start(self) -> None:
-        """Start the process and wait until it answers /healthz."""
+        """Start the process and wait until /healthz returns 200."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [JOBBALANCER, "serve", "--allow-root", "--config", str(self.config)],
@@ -150,7 +150,7 @@ class Server:
         )
 
     def submit(self, client: httpx.Client, **payload: Any) -> dict[str, Any]:
-        """POST /addJob and return the answer, failing on an HTTP error."""
+        """POST /addJob and return the response body, failing on an HTTP error."""
         response = client.post("/addJob", json=payload)
         assert response.status_code == 200, response.text
         answer: dict[str, Any] = response.json()
