@@ -5,7 +5,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
-from orchestrator import models
+from orchestrator import db, models
 from orchestrator.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def list_entries(
     if user_name:
         conditions.append(a.c.user_name == user_name)
     if action:
-        conditions.append(a.c.action.like(f"{_escape_like(action)}%", escape="\\"))
+        conditions.append(a.c.action.like(f"{db.escape_like(action)}%", escape="\\"))
     query = select(a).where(*conditions).order_by(a.c.id.desc())
     with engine.connect() as conn:
         rows = conn.execute(query.limit(limit).offset(offset)).all()
@@ -68,7 +68,3 @@ def list_entries(
             select(func.count()).select_from(a).where(*conditions)
         ).scalar_one()
     return list(rows), int(total)
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

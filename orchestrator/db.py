@@ -98,3 +98,8 @@ async def retrying(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             )
             await asyncio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX_PAUSE_SECONDS)
+
+
+def escape_like(text: str) -> str:
+    """Escape LIKE wildcards so that text matches literally, with "\\" as escape."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

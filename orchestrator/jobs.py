@@ -360,7 +360,7 @@ def list_jobs(
     if user_id is not None:
         conditions.append(j.c.user_id == user_id)
     if search:
-        like = f"%{_escape_like(search)}%"
+        like = f"%{db.escape_like(search)}%"
         search_terms = [
             j.c.command.like(like, escape="\\"),
             models.workers.c.name.like(like, escape="\\"),
@@ -386,10 +386,6 @@ def list_jobs(
         rows = conn.execute(query.limit(limit).offset(offset)).all()
         total = conn.execute(count_query.where(*conditions)).scalar_one()
     return list(rows), int(total)
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def delete_job(engine: Engine, job_id: int) -> None:
