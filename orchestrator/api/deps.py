@@ -106,7 +106,7 @@ AdminDep = Annotated[User, Depends(admin_user)]
 
 
 def client_address(request: Request) -> str | None:
-    """Return the caller's address as the server sees it."""
+    """Return the address of the connecting client (a proxy's, behind one)."""
     return request.client.host if request.client else None
 
 
