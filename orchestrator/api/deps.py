@@ -106,7 +106,7 @@ AdminDep = Annotated[User, Depends(admin_user)]
 
 
 def client_address(request: Request) -> str | None:
-    """Return the address of the connecting client (a proxy's, behind one)."""
+    """Return the client address uvicorn reports, which honours trusted proxies."""
     return request.client.host if request.client else None
 
 
